@@ -1,0 +1,66 @@
+# The README's two commands: `make test` and `make bench`. Everything they need is set up from here.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel on this machine's disk by default; `make test TORCH=torch` for someone who brings a CUDA build.
+TORCH ?= torch==2.13.0
+DEPS := triton ninja pybind11 numpy pytest pytest-benchmark pytest-xdist hypothesis tqdm captum
+DEVICE ?= cpu
+NVCC ?= $(shell command -v nvcc 2>/dev/null)
+JOBS ?= 2
+
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' 2>/dev/null) setup.py
+CUDA_SRC := $(wildcard csrc/cuda/*.cu) $(wildcard csrc/cuda/*.cuh) $(wildcard csrc/*.h)
+
+.PHONY: test bench cuda-check test-gpu bench-gpu lint clean install
+
+# Set-up: the venv and its packages once (the stamp names the torch asked for), then the package itself,
+# rebuilt only when a C++ source changes (ninja keeps the build incremental).
+$(VENV)/.deps-stamp: Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned, in the same command as captum, so that pip never fetches a different torch.
+	$(PY) -m pip install -q "$(TORCH)" $(DEPS)
+	touch $@
+
+$(VENV)/.build-stamp: $(VENV)/.deps-stamp $(CSRC)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.build-stamp
+
+test: install cuda-check
+	TRITON_INTERPRET=1 $(PY) -m pytest -n $(JOBS) -q tests
+
+bench: install
+	$(PY) -m pytest -q benchmarks --benchmark-only --device=$(DEVICE) -p no:xdist -p no:cacheprovider
+
+# Compiles every CUDA source for sm_80 and sm_90 without torch (the .cu files include no torch header).
+# Skipped when nothing changed since the last successful check.
+cuda-check:
+	@if [ -z "$(NVCC)" ]; then echo "cuda-check: nvcc not found, nothing compiled"; exit 0; fi; \
+	mkdir -p .cuda-check; \
+	for f in $(wildcard csrc/cuda/*.cu); do \
+	  o=.cuda-check/$$(basename $$f .cu).o; \
+	  if [ -f $$o ] && [ $$o -nt $$f ] && [ -z "$$(find csrc -name '*.h' -o -name '*.cuh' -newer $$o)" ]; then \
+	    echo "cuda-check: $$f unchanged"; continue; fi; \
+	  echo "cuda-check: $(NVCC) $$f (sm_80, sm_90)"; \
+	  $(NVCC) -c -std=c++17 -O3 -Icsrc -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90 \
+	    $$f -o $$o || exit 1; \
+	done
+
+# On a GPU machine with torch, triton and nvcc already installed (no venv, no downloads): build in place with the
+# current interpreter and run the GPU tests.
+test-gpu:
+	$(PYTHON) -m pip install -q --no-build-isolation --no-deps --no-index -e . || $(PYTHON) setup.py -q develop --no-deps
+	$(PYTHON) -m pytest -q -m gpu tests -p no:cacheprovider
+
+bench-gpu:
+	$(PYTHON) -m pytest -q benchmarks --benchmark-only --device=cuda -p no:cacheprovider
+
+lint:
+	$(PY) -m compileall -q fastml kernels tests benchmarks
+
+clean:
+	rm -rf build *.egg-info fastml/_C*.so .cuda-check $(VENV)/.build-stamp

@@ -1,0 +1,59 @@
+"""Multi-head causal linear attention layer."""
+import torch
+from torch import nn
+
+from fastml.ops.linear_attention import LinearAttentionState, causal_linear_attention, linear_attention_step
+
+
+class CausalLinearAttention(nn.Module):
+    """Multi-head causal linear attention: q/k/v projections, fastml.causal_linear_attention, output projection.
+
+    forward(x [B, T, E], state=None, return_state=False) -> y [B, T, E] (and the LinearAttentionState);
+    step(x_t [B, E], state) -> (y_t [B, E], state) for one-token decoding. Each head has E / num_heads dims.
+    """
+
+    def __init__(self, embed_dim, num_heads, *, feature_map="elu+1", bias=True, eps=1e-6, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(embed_dim, int) or embed_dim <= 0:
+            raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
+        if not isinstance(num_heads, int) or num_heads <= 0 or embed_dim % num_heads:
+            raise ValueError(f"num_heads must be a positive int dividing embed_dim={embed_dim}, got {num_heads!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.feature_map = feature_map
+        self.eps = eps
+        self.qkv_proj = nn.Linear(embed_dim, 3 * embed_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+
+    def _heads(self, x):
+        # [..., 3E] -> three [B, H, T, D] views (non-contiguous; the op copies once if its kernel needs to).
+        *lead, _ = x.shape
+        q, k, v = self.qkv_proj(x).view(*lead, 3, self.num_heads, self.head_dim).unbind(-3)
+        return q, k, v
+
+    def forward(self, x, state=None, return_state=False):
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must be [B, T, {self.embed_dim}], got shape {list(x.shape)}")
+        B, T, _ = x.shape
+        q, k, v = (t.transpose(1, 2) for t in self._heads(x))
+        o, new_state = causal_linear_attention(q, k, v, feature_map=self.feature_map, eps=self.eps,
+                                               initial_state=state, output_final_state=True)
+        y = self.out_proj(o.transpose(1, 2).reshape(B, T, self.embed_dim))
+        return (y, new_state) if return_state else y
+
+    def step(self, x_t, state=None):
+        if x_t.dim() != 2 or x_t.shape[-1] != self.embed_dim:
+            raise ValueError(f"x_t must be [B, {self.embed_dim}], got shape {list(x_t.shape)}")
+        q, k, v = self._heads(x_t)
+        o, new_state = linear_attention_step(q, k, v, state, feature_map=self.feature_map, eps=self.eps)
+        return self.out_proj(o.reshape(x_t.shape[0], self.embed_dim)), new_state
+
+    def initial_state(self, batch_size, device=None):
+        """Zero state for `batch_size` sequences (float32, float64 for a float64 layer)."""
+        w = self.qkv_proj.weight
+        sd = torch.float64 if w.dtype == torch.float64 else torch.float32
+        shape = (batch_size, self.num_heads, self.head_dim)
+        return LinearAttentionState(w.new_zeros(*shape, self.head_dim, dtype=sd, device=device),
+                                    w.new_zeros(*shape, dtype=sd, device=device))

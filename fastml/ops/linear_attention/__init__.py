@@ -1,0 +1,247 @@
+"""Causal and non-causal linear attention ("Transformers are RNNs"): public functions, validation, autograd.
+
+Backends: `reference` (reference.py), `cpp` (csrc/cpu/linear_attention.cpp) and `cuda`
+(csrc/cuda/linear_attention.cu), both behind the torch ops fastml::linear_attention_{fwd,bwd,step}, and `triton`
+(kernels/linear_attention.py) behind fastml::linear_attention_{fwd,bwd,step}_triton. The maths and the decisions
+are in README.md beside this file.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+
+from fastml import _backend
+from fastml.ops.linear_attention import reference
+from fastml.ops.linear_attention._validate import (
+    check_cu_seqlens,
+    check_feature_map,
+    check_qkv,
+    check_scalars,
+    check_state,
+)
+
+OP = "causal_linear_attention"
+STEP_OP = "linear_attention_step"
+NONCAUSAL_OP = "linear_attention"
+
+
+class LinearAttentionState(NamedTuple):
+    """The recurrent state after a prefix: kv [B, H, K, V] = sum k' v^T and z [B, H, K] = sum k' (float32, or
+    float64 for float64 inputs)."""
+
+    kv: torch.Tensor
+    z: torch.Tensor
+
+
+def _kernel_ops(name):
+    """(fwd, bwd, step) torch ops of a kernel backend. cpp and cuda share one op, dispatched by device."""
+    if name == "triton":
+        return (torch.ops.fastml.linear_attention_fwd_triton, torch.ops.fastml.linear_attention_bwd_triton,
+                torch.ops.fastml.linear_attention_step_triton)
+    return (torch.ops.fastml.linear_attention_fwd, torch.ops.fastml.linear_attention_bwd,
+            torch.ops.fastml.linear_attention_step)
+
+
+class _CausalFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, kv0, z0, cu_seqlens, name, feature_map, normalize, eps, scale):
+        fwd = _kernel_ops(name)[0]
+        o, kv, z, den = fwd(q, k, v, kv0, z0, cu_seqlens, feature_map, normalize, eps, scale)
+        ctx.save_for_backward(q, k, v, o, den, kv0, z0, cu_seqlens)
+        ctx.args = (name, feature_map, normalize, eps, scale)
+        ctx.set_materialize_grads(False)
+        return o, kv, z
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, dkv, dz):
+        q, k, v, o, den, kv0, z0, cu_seqlens = ctx.saved_tensors
+        name, feature_map, normalize, eps, scale = ctx.args
+        if do is None:
+            do = torch.zeros_like(o)
+        bwd = _kernel_ops(name)[1]
+        dq, dk, dv, dkv0, dz0 = bwd(do.contiguous(), None if dkv is None else dkv.contiguous(),
+                                    None if dz is None else dz.contiguous(), q, k, v, o, den, kv0, z0, cu_seqlens,
+                                    feature_map, normalize, eps, scale)
+        return (dq, dk, dv, dkv0 if kv0 is not None else None, dz0 if z0 is not None else None,
+                None, None, None, None, None, None)
+
+
+def _map_callable(q, k, feature_map):
+    """Apply a callable feature map in Python (autograd flows through it); kernels then see code 0."""
+    if callable(feature_map):
+        return feature_map(q), feature_map(k), 0
+    return q, k, reference.FEATURE_MAPS[feature_map]
+
+
+def causal_linear_attention(q, k, v, *, feature_map=None, normalize=True, eps=1e-6, scale=1.0, initial_state=None,
+                            output_final_state=False, cu_seqlens=None, backend="auto"):
+    """Causal linear attention.
+
+    q, k: [B, H, T, K]; v: [B, H, T, V]; float32, float16, bfloat16 or float64, on one device.
+    With phi the feature map (None, "elu+1", "relu" or a callable), q' = scale * phi(q), k' = phi(k):
+        S_t = S_0 + sum_{s<=t} k'_s v_s^T,  z_t = z_0 + sum_{s<=t} k'_s,
+        o_t = q'_t S_t / (q'_t . z_t + eps)   (o_t = q'_t S_t if normalize=False).
+    initial_state: LinearAttentionState (kv [N, H, K, V], z [N, H, K]) or None (zeros); gradients flow into it.
+    cu_seqlens: int32/int64 [N+1] offsets of N independent sequences packed in T (then B must be 1).
+    Returns o [B, H, T, V] in the input dtype, or (o, LinearAttentionState) with output_final_state=True.
+    """
+    check_feature_map(feature_map)
+    check_qkv(q, k, v, causal=True)
+    check_scalars(normalize=normalize, eps=eps, scale=scale, output_final_state=output_final_state)
+    q, k, code = _map_callable(q, k, feature_map)
+    if feature_map is not None and callable(feature_map):
+        check_qkv(q, k, v, causal=True, after_map=True)
+    B, H, T, K = q.shape
+    V = v.shape[-1]
+    n_seq = B
+    if cu_seqlens is not None:
+        n_seq = check_cu_seqlens(cu_seqlens, q)
+    sd = reference.state_dtype(q.dtype)
+    kv0 = z0 = None
+    if initial_state is not None:
+        kv0, z0 = check_state(initial_state, "initial_state", (n_seq, H, K, V), sd, q.device)
+    call = _backend.Call(q.device, q.dtype, {"cu_seqlens": cu_seqlens is not None, "K": K, "V": V})
+    chosen = _backend.select(OP, call, backend)
+    if chosen.name == "reference":
+        o, kv, z = reference.causal_linear_attention(
+            q, k, v, feature_map=code, normalize=normalize, eps=eps, scale=scale,
+            initial_state=None if kv0 is None else (kv0, z0), cu_seqlens=cu_seqlens)
+    else:
+        cu = None if cu_seqlens is None else cu_seqlens.to(torch.int64)
+        o, kv, z = _CausalFn.apply(q.contiguous(), k.contiguous(), v.contiguous(),
+                                   None if kv0 is None else kv0.contiguous(), None if z0 is None else z0.contiguous(),
+                                   cu, chosen.name, code, bool(normalize), float(eps), float(scale))
+    if output_final_state:
+        return o, LinearAttentionState(kv, z)
+    return o
+
+
+def linear_attention_step(q, k, v, state, *, feature_map=None, normalize=True, eps=1e-6, scale=1.0,
+                          backend="auto"):
+    """One decode step of causal linear attention.
+
+    q, k: [B, H, K]; v: [B, H, V]; state: LinearAttentionState (kv [B, H, K, V], z [B, H, K]) or None (zeros).
+    Returns (o [B, H, V], the new LinearAttentionState); equals causal_linear_attention on the token appended to
+    the prefix the state summarizes. The caller's state is not modified.
+    """
+    check_feature_map(feature_map)
+    check_qkv(q, k, v, causal=False, step=True)
+    check_scalars(normalize=normalize, eps=eps, scale=scale)
+    q, k, code = _map_callable(q, k, feature_map)
+    if feature_map is not None and callable(feature_map):
+        check_qkv(q, k, v, causal=False, step=True, after_map=True)
+    B, H, K = q.shape
+    V = v.shape[-1]
+    sd = reference.state_dtype(q.dtype)
+    if state is None:
+        kv0, z0 = q.new_zeros(B, H, K, V, dtype=sd), q.new_zeros(B, H, K, dtype=sd)
+    else:
+        kv0, z0 = check_state(state, "state", (B, H, K, V), sd, q.device)
+    call = _backend.Call(q.device, q.dtype, {"step": True, "K": K, "V": V})
+    chosen = _backend.select(STEP_OP, call, backend)
+    if chosen.name == "reference":
+        o, kv, z = reference.linear_attention_step(q, k, v, (kv0, z0), feature_map=code, normalize=normalize,
+                                                   eps=eps, scale=scale)
+        return o, LinearAttentionState(kv, z)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, kv0, z0))
+    if needs_grad:
+        # The differentiable path: the causal kernels on a sequence of one token.
+        o, kv, z = _CausalFn.apply(q.unsqueeze(2).contiguous(), k.unsqueeze(2).contiguous(),
+                                   v.unsqueeze(2).contiguous(), kv0.contiguous(), z0.contiguous(), None,
+                                   chosen.name, code, bool(normalize), float(eps), float(scale))
+        return o.squeeze(2), LinearAttentionState(kv, z)
+    step = _kernel_ops(chosen.name)[2]
+    o, kv, z = step(q.contiguous(), k.contiguous(), v.contiguous(), kv0.contiguous(), z0.contiguous(), code,
+                    bool(normalize), float(eps), float(scale))
+    return o, LinearAttentionState(kv, z)
+
+
+def linear_attention(q, k, v, *, feature_map=None, normalize=True, eps=1e-6, scale=1.0, key_padding_mask=None,
+                     backend="auto"):
+    """Non-causal linear attention: o = q' S / (q' . z + eps) with S = sum_s k'_s v_s^T, z = sum_s k'_s.
+
+    q: [B, H, Tq, K]; k: [B, H, Tk, K]; v: [B, H, Tk, V]; key_padding_mask: [B, Tk] bool, True = padding to ignore.
+    This is two matrix products per head, which torch's own GEMMs already run at the machine's speed: every
+    backend computes it with the same composite torch code (README.md, "Decisions").
+    """
+    check_feature_map(feature_map)
+    check_qkv(q, k, v, causal=False)
+    check_scalars(normalize=normalize, eps=eps, scale=scale)
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask must be a bool tensor, got {type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must have dtype torch.bool, got {key_padding_mask.dtype}")
+        if key_padding_mask.shape != (k.shape[0], k.shape[2]):
+            raise ValueError(f"key_padding_mask must have shape [B, Tk] = {[k.shape[0], k.shape[2]]}, "
+                             f"got {list(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+    q, k, code = _map_callable(q, k, feature_map)
+    if feature_map is not None and callable(feature_map):
+        check_qkv(q, k, v, causal=False, after_map=True)
+    _backend.select(NONCAUSAL_OP, _backend.Call(q.device, q.dtype), backend)
+    return reference.linear_attention(q, k, v, feature_map=code, normalize=normalize, eps=eps, scale=scale,
+                                      key_padding_mask=key_padding_mask)
+
+
+def _register():
+    for op in (OP, STEP_OP, NONCAUSAL_OP):
+        _backend.register(op, _backend.Backend("reference", impl=None))
+        _backend.register(op, _backend.Backend("cpp", impl=None))
+        _backend.register(op, _backend.Backend("cuda", impl=None))
+        _backend.register(op, _backend.Backend("triton", impl=None, supports=_triton_supports))
+
+
+def _triton_supports(call):
+    if call.options.get("K", 0) > 256 or call.options.get("V", 0) > 256:
+        return "the triton kernels take head dims up to 256"
+    if call.device.type == "cpu" and call.dtype == torch.bfloat16:
+        return "bfloat16 tl.dot is wrong under TRITON_INTERPRET=1"
+    return None
+
+
+_register()
+
+
+def _register_fakes():
+    """Shapes of the C++ ops' results, for torch.compile and opcheck (the Triton ops register their own)."""
+    from fastml._ext import load_error
+
+    if load_error() is not None:
+        return
+
+    @torch.library.register_fake("fastml::linear_attention_fwd")
+    def _fwd(q, k, v, kv0, z0, cu_seqlens, feature_map, normalize, eps, scale):
+        return fake_fwd(q, k, v, cu_seqlens)
+
+    @torch.library.register_fake("fastml::linear_attention_bwd")
+    def _bwd(grad_o, grad_kv, grad_z, q, k, v, o, den, kv0, z0, cu_seqlens, feature_map, normalize, eps, scale):
+        return fake_bwd(q, k, v, cu_seqlens)
+
+    @torch.library.register_fake("fastml::linear_attention_step")
+    def _step(q, k, v, kv, z, feature_map, normalize, eps, scale):
+        return torch.empty_like(v), torch.empty_like(kv), torch.empty_like(z)
+
+
+def fake_fwd(q, k, v, cu_seqlens):
+    """(o, kv, z, den) shapes of a forward; shared with the Triton ops' fake implementations."""
+    B, H, T, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    sd = reference.state_dtype(q.dtype)
+    return (v.new_empty(B, H, T, V), q.new_empty(N, H, K, V, dtype=sd), q.new_empty(N, H, K, dtype=sd),
+            q.new_empty(B, H, T, dtype=sd))
+
+
+def fake_bwd(q, k, v, cu_seqlens):
+    """(dq, dk, dv, dkv0, dz0) shapes of a backward."""
+    B, H, T, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    sd = reference.state_dtype(q.dtype)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), q.new_empty(N, H, K, V, dtype=sd),
+            q.new_empty(N, H, K, dtype=sd))
+
+
+_register_fakes()

@@ -1,0 +1,1 @@
+"""Triton kernels for causal linear attention (placeholder until the triton backend lands; registers nothing)."""
