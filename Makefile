@@ -54,10 +54,10 @@ cuda-check:
 # current interpreter and run the GPU tests.
 test-gpu:
 	$(PYTHON) -m pip install -q --no-build-isolation --no-deps --no-index -e . || $(PYTHON) setup.py -q develop --no-deps
-	$(PYTHON) -m pytest -q -m gpu tests -p no:cacheprovider
+	FASTML_TEST_GPU=1 $(PYTHON) -m pytest -q -m gpu tests -p no:cacheprovider
 
 bench-gpu:
-	$(PYTHON) -m pytest -q benchmarks --benchmark-only --device=cuda -p no:cacheprovider
+	FASTML_TEST_GPU=1 $(PYTHON) -m pytest -q benchmarks --benchmark-only --device=cuda -p no:cacheprovider
 
 lint:
 	$(PY) -m compileall -q fastml kernels tests benchmarks

@@ -26,11 +26,13 @@ TORCH_LIBRARY(fastml, m) {
   // Integrated-gradients path kernels. inputs [B, ...]; baselines expanded to inputs' shape; alphas [S].
   // scale: out[s*B + b] = baselines[b] + alphas[s] * (inputs[b] - baselines[b]), step-major as Captum.
   m.def("ig_scale_inputs(Tensor inputs, Tensor baselines, Tensor alphas) -> Tensor");
-  // accumulate: grads [S*B, ...], weights [S] -> attr [B, ...] = sum_s weights[s] * grads[s*B + b]
-  // (times (inputs - baselines) if multiply_by_inputs), and sums [B] = attr summed over all but the batch dim.
+  // accumulate: grads [S*B, ...], weights [S], acc [B, ...] or None (a running sum from earlier chunks of steps):
+  //   total[b] = acc[b] + sum_s weights[s] * grads[s*B + b], accumulated in float32 (float64 for float64 grads);
+  //   attr = total * (inputs - baselines) if multiply_by_inputs else total   (float32 / float64);
+  //   sums [B] = attr summed over all dims but the first (for the convergence delta). Returns (attr, sums).
   m.def(
-      "ig_accumulate(Tensor grads, Tensor inputs, Tensor baselines, Tensor weights, bool multiply_by_inputs) "
-      "-> (Tensor, Tensor)");
+      "ig_accumulate(Tensor grads, Tensor inputs, Tensor baselines, Tensor weights, bool multiply_by_inputs, "
+      "Tensor? acc) -> (Tensor, Tensor)");
 }
 
 // fastml._C is imported from Python only to load the op registrations above; it defines no Python functions.
