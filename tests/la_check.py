@@ -55,7 +55,8 @@ def check_backend(backend, q, k, v, state=None, *, dtype=None, rtol=None, atol=N
             assert a is None, name
             continue
         assert a is not None, f"{name} has no gradient"
-        assert a.dtype == (e.dtype if name in ("kv", "z", "dkv0", "dz0") and q.dtype == torch.float64
-                           else a.dtype)
+        want_dtype = fastml.ops.linear_attention.reference.state_dtype(q.dtype) if name in (
+            "kv", "z", "dkv0", "dz0") else q.dtype
+        assert a.dtype == want_dtype, f"{name} has dtype {a.dtype}, expected {want_dtype}"
         assert_close(a, e, dtype=dtype, rtol=rtol, atol=atol, name=f"{backend} {name}")
     return got
