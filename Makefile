@@ -34,7 +34,7 @@ test: install cuda-check
 	TRITON_INTERPRET=1 $(PY) -m pytest -n $(JOBS) -q tests
 
 bench: install
-	$(PY) -m pytest -q benchmarks --benchmark-only --device=$(DEVICE) -p no:xdist -p no:cacheprovider
+	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-columns=median,rounds --device=$(DEVICE) -p no:xdist -p no:cacheprovider
 
 # Compiles every CUDA source for sm_80 and sm_90 without torch (the .cu files include no torch header).
 # Skipped when nothing changed since the last successful check.

@@ -1,0 +1,62 @@
+"""Benchmark suite set-up: `--device`, the machine's measured peaks, and the tables printed at the end."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from runner import Results, cpu_sgemm_peak_gflops, cuda_peaks  # noqa: E402
+
+RESULTS = Results()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", choices=["cpu", "cuda"], help="run the suite on this device")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    dev = request.config.getoption("--device")
+    if dev == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("--device=cuda needs a CUDA device")
+    return dev
+
+
+@pytest.fixture(scope="session")
+def peaks(device):
+    """Measured in this run: CPU sgemm GFLOP/s; on CUDA also bf16 matmul TFLOP/s and copy GB/s."""
+    if device == "cuda":
+        import torch
+
+        tflops, gbps = cuda_peaks()
+        RESULTS.machine.update({"device": torch.cuda.get_device_name(), "bf16 matmul TFLOP/s": round(tflops),
+                                "copy GB/s": round(gbps)})
+        return {"tflops": tflops, "gbps": gbps}
+    gflops = cpu_sgemm_peak_gflops()
+    import torch
+
+    RESULTS.machine.update({"device": f"CPU, {torch.get_num_threads()} threads",
+                            "sgemm peak GFLOP/s": round(gflops, 1)})
+    return {"gflops": gflops}
+
+
+@pytest.fixture(scope="session")
+def results():
+    return RESULTS
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = RESULTS.save()
+    if path is None:
+        return
+    tr = session.config.pluginmanager.get_plugin("terminalreporter")
+    text = RESULTS.markdown() + f"\nSaved {path}.json and {path}.md\n"
+    if tr is not None:
+        tr.write_line("")
+        for line in text.splitlines():
+            tr.write_line(line)
+    else:
+        sys.stdout.write(text)

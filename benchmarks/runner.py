@@ -1,0 +1,134 @@
+"""Shared benchmark machinery: timing, the machine's measured peaks, peak memory of one call, and the tables.
+
+Timings are medians; each table compares backends measured in the same run. Nothing here asserts a speed.
+"""
+import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(benchmark, fn, device, *, rounds=5):
+    """Median milliseconds of fn(). CPU: pytest-benchmark rounds; CUDA: triton.testing.do_bench (the benchmark
+    fixture still runs fn once so pytest-benchmark records the test)."""
+    if device == "cuda":
+        import triton.testing
+
+        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        benchmark.pedantic(fn, rounds=1, iterations=1)
+        return ms
+    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+    return benchmark.stats.stats.median * 1e3
+
+
+def cpu_sgemm_peak_gflops():
+    """Best of 10 float32 1024 x 1024 matmuls on all threads (ARCHITECTURE.md, "Benchmarks")."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    for _ in range(3):
+        torch.matmul(a, b)
+    best = float("inf")
+    import time
+
+    for _ in range(10):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 1024**3 / best / 1e9
+
+
+def cuda_peaks():
+    """(bf16 matmul TFLOP/s, device-to-device copy GB/s counting bytes read and written), measured now."""
+    import triton.testing
+
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: torch.matmul(a, b), return_mode="median")
+    tflops = 2 * n**3 / ms / 1e9
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), return_mode="median")
+    gbps = 2 * x.numel() / ms / 1e6
+    return tflops, gbps
+
+
+def peak_memory_mb(setup, call):
+    """How much one call raises the peak resident memory (VmHWM) of a fresh Python process, in MB.
+
+    `setup` builds the inputs; `call` is the statement measured. ru_maxrss is inherited across fork/exec, so the
+    child reads its own /proc/self/status before and after."""
+    script = textwrap.dedent(f"""
+        import torch, fastml
+        def hwm():
+            for line in open('/proc/self/status'):
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) / 1024
+        {setup}
+        before = hwm()
+        {call}
+        print(hwm() - before)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+class Results:
+    """Rows collected over a run, printed as one markdown table per op and saved as JSON and markdown."""
+
+    def __init__(self):
+        self.rows = {}
+        self.machine = {}
+
+    def add(self, op, row):
+        self.rows.setdefault(op, []).append(row)
+
+    def markdown(self):
+        lines = []
+        if self.machine:
+            lines.append("Machine: " + ", ".join(f"{k} {v}" for k, v in self.machine.items()))
+            lines.append("")
+        for op, rows in self.rows.items():
+            cols = list(dict.fromkeys(c for r in rows for c in r))
+            lines.append(f"### {op}")
+            lines.append("")
+            lines.append("| " + " | ".join(cols) + " |")
+            lines.append("|" + "---|" * len(cols))
+            for r in rows:
+                lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
+            lines.append("")
+        return "\n".join(lines)
+
+    def save(self):
+        if not self.rows:
+            return None
+        os.makedirs(RESULTS_DIR, exist_ok=True)
+        stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}"
+        path = os.path.join(RESULTS_DIR, stem)
+        with open(path + ".json", "w") as f:
+            json.dump({"machine": self.machine, "tables": self.rows}, f, indent=1)
+        with open(path + ".md", "w") as f:
+            f.write(self.markdown() + "\n")
+        return path
+
+
+def _fmt(x):
+    if isinstance(x, float):
+        if x == 0 or abs(x) >= 100:
+            return f"{x:.0f}"
+        if abs(x) >= 1:
+            return f"{x:.2f}"
+        return f"{x:.3g}"
+    return str(x)
