@@ -320,7 +320,9 @@ template <class T, Pass P> cudaError_t launch_scan(const LinearAttentionArgs& a,
   auto kernel = la_scan_kernel<T, P>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return err;
-  const dim3 grid(unsigned(a.N * a.H), unsigned((pass_nout(P, a.K, a.V) + Tile<T>::BN - 1) / Tile<T>::BN));
+  // At least one tile, so that a zero output width still writes z and den.
+  const int64_t tiles = (pass_nout(P, a.K, a.V) + Tile<T>::BN - 1) / Tile<T>::BN;
+  const dim3 grid(unsigned(a.N * a.H), unsigned(tiles > 0 ? tiles : 1));
   kernel<<<grid, kScanThreads, bytes, stream>>>(a, DK);
   return cudaGetLastError();
 }
