@@ -6,9 +6,9 @@
 
 #include <cstdint>
 
-namespace fastml_cuda {
+#include "dtype.h"
 
-enum class DType { f32, f16, bf16, f64 };
+namespace fastml_cuda {
 
 // Every tensor is contiguous. q,k [B,H,T,K], v,o,grad_o [B,H,T,V] in `dtype`; den [B,H,T], states kv [N,H,K,V] and
 // z [N,H,K] in the state dtype (float32, float64 for f64). cu_seqlens [N+1] int64 or nullptr (then N = B); with
