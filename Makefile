@@ -13,7 +13,7 @@ JOBS ?= 2
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' 2>/dev/null) setup.py
 CUDA_SRC := $(wildcard csrc/cuda/*.cu) $(wildcard csrc/cuda/*.cuh) $(wildcard csrc/*.h)
 
-.PHONY: test bench cuda-check test-gpu bench-gpu lint clean install
+.PHONY: test bench cuda-check gpu-build test-gpu bench-gpu lint clean install
 
 # Set-up: the venv and its packages once (the stamp names the torch asked for), then the package itself,
 # rebuilt only when a C++ source changes (ninja keeps the build incremental).
@@ -52,11 +52,13 @@ cuda-check:
 
 # On a GPU machine with torch, triton and nvcc already installed (no venv, no downloads): build in place with the
 # current interpreter and run the GPU tests.
-test-gpu:
-	$(PYTHON) -m pip install -q --no-build-isolation --no-deps --no-index -e . || $(PYTHON) setup.py -q develop --no-deps
+gpu-build:
+	$(PYTHON) setup.py -q build_ext --inplace -j $$(nproc)
+
+test-gpu: gpu-build
 	FASTML_TEST_GPU=1 $(PYTHON) -m pytest -q -m gpu tests -p no:cacheprovider
 
-bench-gpu:
+bench-gpu: gpu-build
 	FASTML_TEST_GPU=1 $(PYTHON) -m pytest -q benchmarks --benchmark-only --device=cuda -p no:cacheprovider
 
 lint:

@@ -1,12 +1,13 @@
 """Loads the compiled extension fastml._C once. If it is missing, the cpp and cuda backends say why."""
 import functools
+import importlib
 
 
 @functools.lru_cache(maxsize=None)
 def load_error():
     """None if fastml._C is loaded (its ops registered in torch.ops.fastml), else the reason it is not."""
     try:
-        from fastml import _C  # noqa: F401  (importing registers the ops)
+        importlib.import_module("fastml._C")  # importing registers the ops
     except ImportError as exc:
         return f"the compiled extension fastml._C is not available ({exc}); build fastml with `make install`"
     return None

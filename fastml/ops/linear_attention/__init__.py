@@ -189,13 +189,20 @@ def _register():
     for op in (OP, STEP_OP, NONCAUSAL_OP):
         _backend.register(op, _backend.Backend("reference", impl=None))
         _backend.register(op, _backend.Backend("cpp", impl=None))
-        _backend.register(op, _backend.Backend("cuda", impl=None))
+        _backend.register(op, _backend.Backend("cuda", impl=None, supports=_head_dims_up_to_256))
         _backend.register(op, _backend.Backend("triton", impl=None, supports=_triton_supports))
 
 
-def _triton_supports(call):
+def _head_dims_up_to_256(call):
     if call.options.get("K", 0) > 256 or call.options.get("V", 0) > 256:
-        return "the triton kernels take head dims up to 256"
+        return "its kernels take head dims K, V up to 256"
+    return None
+
+
+def _triton_supports(call):
+    reason = _head_dims_up_to_256(call)
+    if reason is not None:
+        return reason
     if call.device.type == "cpu" and call.dtype == torch.bfloat16:
         return "bfloat16 tl.dot is wrong under TRITON_INTERPRET=1"
     return None
