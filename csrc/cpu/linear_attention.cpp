@@ -102,7 +102,7 @@ template <typename acc_t, typename scalar_t>
 void load_rows(const scalar_t* src, int64_t n, int64_t d, acc_t* dst, int64_t ld, int64_t fm, acc_t mul) {
   switch (fm) {
     case kEluPlusOne:
-      map_rows(src, n, d, dst, ld, [mul](acc_t x) { return mul * (x > 0 ? x + acc_t(1) : std::exp(x)); });
+      map_rows(src, n, d, dst, ld, [mul](acc_t x) { return mul * (x > 0 ? x + acc_t(1) : exp_nonpositive(x)); });
       break;
     case kRelu:  // written so that NaN passes through, as in torch.relu
       map_rows(src, n, d, dst, ld, [mul](acc_t x) { return mul * (x < 0 ? acc_t(0) : x); });
@@ -112,12 +112,28 @@ void load_rows(const scalar_t* src, int64_t n, int64_t d, acc_t* dst, int64_t ld
   }
 }
 
-// phi'(x) of the feature map.
-template <typename acc_t>
-inline acc_t feature_grad(acc_t x, int64_t fm) {
-  if (fm == kEluPlusOne) return x > 0 ? acc_t(1) : std::exp(x);
-  if (fm == kRelu) return x > 0 ? acc_t(1) : acc_t(0);
-  return acc_t(1);
+// out = mul * g * phi'(x) in the input dtype, for one row of d elements: the chain rule from a gradient w.r.t.
+// the mapped q' or k' to one w.r.t. the raw input.
+template <typename acc_t, typename scalar_t>
+void store_input_grad(const acc_t* g, const scalar_t* x, scalar_t* out, int64_t d, int64_t fm, acc_t mul) {
+  switch (fm) {
+    case kEluPlusOne:
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) {
+        const acc_t xi = static_cast<acc_t>(x[i]);
+        out[i] = static_cast<scalar_t>(mul * g[i] * (xi > 0 ? acc_t(1) : exp_nonpositive(xi)));
+      }
+      break;
+    case kRelu:
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) {
+        out[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) > 0 ? mul * g[i] : acc_t(0));
+      }
+      break;
+    default:
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) out[i] = static_cast<scalar_t>(mul * g[i]);
+  }
 }
 
 // Sizes and options of one call, and where each (sequence, head) unit's tokens are.
@@ -220,14 +236,14 @@ struct BlockInputs {
   acc_t *qf, *kf, *vf, *dn, *dd;
 };
 
-// Converts block [row, row + nb) for the backward: q', k', v, dn = do / den and dd = -(do . o) / den (with
-// normalize; else dn = do and dd = 0).
+// Converts block [row, row + nb) for the backward: q' (if with_q), k', v, dn = do / den and dd = -(do . o) / den
+// (with normalize; else dn = do and dd = 0).
 template <typename scalar_t, typename acc_t>
 void load_backward_block(const Problem& p, int64_t row, int64_t nb, const scalar_t* q, const scalar_t* k,
                          const scalar_t* v, const scalar_t* go, const scalar_t* o, const acc_t* den,
-                         const BlockInputs<acc_t>& s) {
+                         const BlockInputs<acc_t>& s, bool with_q) {
   const int64_t K = p.K, V = p.V, Kp = p.Kp, Vp = p.Vp;
-  load_rows(q + row * K, nb, K, s.qf, Kp, p.fm, static_cast<acc_t>(p.scale));
+  if (with_q) load_rows(q + row * K, nb, K, s.qf, Kp, p.fm, static_cast<acc_t>(p.scale));
   load_rows(k + row * K, nb, K, s.kf, Kp, p.fm, acc_t(1));
   load_rows(v + row * V, nb, V, s.vf, Vp, kIdentity, acc_t(1));
   load_rows(go + row * V, nb, V, s.dn, Vp, kIdentity, acc_t(1));
@@ -280,17 +296,18 @@ void backward_kernel(const Problem& p, const scalar_t* go, const at::opmath_type
       if (z0 != nullptr) std::copy(z0 + u * K, z0 + (u + 1) * K, zs);
       for (int64_t t0 = 0; t0 < len; t0 += kBlockT) {
         const int64_t nb = std::min(kBlockT, len - t0), row = row0 + t0;
-        load_backward_block(p, row, nb, q, k, v, go, o, den, s);
+        load_backward_block(p, row, nb, q, k, v, go, o, den, s, false);
         std::fill(gk, gk + nb * Kp, acc_t(0));
         scan(ST, s.vf, s.dn, Vp, s.kf, gk, Kp, nb, false);
         for (int64_t t = 0; t < nb; ++t) {
-          const scalar_t* qt = q + (row + t) * K;
-          scalar_t* dqt = dq + (row + t) * K;
+          acc_t* g = gk + t * Kp;
+          const acc_t ddt = s.dd[t];
+#pragma omp simd
           for (int64_t i = 0; i < K; ++i) {
             zs[i] += s.kf[t * Kp + i];
-            const acc_t g = gk[t * Kp + i] + s.dd[t] * zs[i];
-            dqt[i] = static_cast<scalar_t>(g * scale * feature_grad(static_cast<acc_t>(qt[i]), p.fm));
+            g[i] += ddt * zs[i];
           }
+          store_input_grad(g, q + (row + t) * K, dq + (row + t) * K, K, p.fm, scale);
         }
       }
       // Reverse sweep: dv_t = dS_t^T k'_t, dk'_t = dS_t v_t + Z_t.
@@ -300,18 +317,20 @@ void backward_kernel(const Problem& p, const scalar_t* go, const at::opmath_type
       if (gz != nullptr) std::copy(gz + u * K, gz + (u + 1) * K, zr);
       for (int64_t t0 = (len - 1) / kBlockT * kBlockT; t0 >= 0 && len > 0; t0 -= kBlockT) {
         const int64_t nb = std::min(kBlockT, len - t0), row = row0 + t0;
-        load_backward_block(p, row, nb, q, k, v, go, o, den, s);
+        load_backward_block(p, row, nb, q, k, v, go, o, den, s, true);
         std::fill(gk, gk + nb * Kp, acc_t(0));
         std::fill(gv, gv + nb * Vp, acc_t(0));
         scan(dS, s.qf, s.kf, Kp, s.dn, gv, Vp, nb, true);
         scan(dST, s.dn, s.vf, Vp, s.qf, gk, Kp, nb, true);
         for (int64_t t = nb - 1; t >= 0; --t) {
-          const scalar_t* kt = k + (row + t) * K;
-          scalar_t* dkt = dk + (row + t) * K;
+          acc_t* g = gk + t * Kp;
+          const acc_t ddt = s.dd[t];
+#pragma omp simd
           for (int64_t i = 0; i < K; ++i) {
-            zr[i] += s.qf[t * Kp + i] * s.dd[t];
-            dkt[i] = static_cast<scalar_t>((gk[t * Kp + i] + zr[i]) * feature_grad(static_cast<acc_t>(kt[i]), p.fm));
+            zr[i] += s.qf[t * Kp + i] * ddt;
+            g[i] += zr[i];
           }
+          store_input_grad(g, k + (row + t) * K, dk + (row + t) * K, K, p.fm, acc_t(1));
           scalar_t* dvt = dv + (row + t) * V;
 #pragma omp simd
           for (int64_t j = 0; j < V; ++j) dvt[j] = static_cast<scalar_t>(gv[t * Vp + j]);
