@@ -19,11 +19,11 @@ constexpr int kVecBytes = 32;
 #endif
 
 // GCC/Clang vector extension: element-wise arithmetic (scalar operands broadcast) compiles to SIMD
-// instructions, with fused multiply-adds where the target has them. may_alias: kernels load vectors from
-// arrays of T.
+// instructions, with fused multiply-adds where the target has them. may_alias and element alignment: kernels
+// load vectors straight from arrays of T, including tensors' rows, which need not be vector aligned.
 template <typename T>
 struct VecOf {
-  typedef T type __attribute__((vector_size(kVecBytes), may_alias));
+  typedef T type __attribute__((vector_size(kVecBytes), may_alias, aligned(sizeof(T))));
 };
 template <typename T>
 using Vec = typename VecOf<T>::type;

@@ -21,6 +21,7 @@ CASES = [
     (63, 60, 64, F32, "elu+1", True, True, 1.0),
     (257, 64, 128, F32, "relu", False, False, 0.125),
     (257, 128, 60, F32, "elu+1", False, True, 0.7),
+    (257, 64, 64, F32, None, False, True, 1.0),  # the kernels read and write the tensors in place: no copies
     (63, 16, 128, F64, None, False, False, 0.7),
     (257, 128, 60, F64, "elu+1", True, True, 0.7),
     (63, 64, 64, F64, None, True, True, 1.0),
@@ -50,6 +51,28 @@ def test_cu_seqlens(dtype, feature_map, normalize, with_state):
     cu = torch.tensor([0, 5, 5, 69, 150, 151])
     q, k, v, state = make_inputs(1, 2, 151, 60, 64, dtype, with_state=with_state, n_seq=5)
     check_backend("cpp", q, k, v, state, feature_map=feature_map, normalize=normalize, scale=0.7, cu_seqlens=cu)
+
+
+def test_unaligned_inputs():
+    # Contiguous views that start 4 bytes into their storage: the no-copy path loads vectors straight from them
+    # (the ops are called directly, as the autograd wrapper would clone nothing either).
+    def shifted(t):
+        flat = torch.empty(t.numel() + 1, dtype=t.dtype)
+        flat[1:] = t.flatten()
+        return flat[1:].view(t.shape)
+
+    q, k, v, _ = make_inputs(1, 2, 100, 64, 64, F32)
+    args = (None, None, None, 0, False, 1e-6, 1.0)
+    want = torch.ops.fastml.linear_attention_fwd(q, k, v, *args)
+    got = torch.ops.fastml.linear_attention_fwd(shifted(q), shifted(k), shifted(v), *args)
+    for a, e in zip(got, want):
+        assert torch.equal(a, e)
+    go = torch.randn_like(v)
+    want = torch.ops.fastml.linear_attention_bwd(go, None, None, q, k, v, want[0], want[3], *args)
+    got = torch.ops.fastml.linear_attention_bwd(shifted(go), None, None, shifted(q), shifted(k), shifted(v),
+                                                shifted(got[0]), got[3], *args)
+    for a, e in zip(got, want):
+        assert torch.equal(a, e)
 
 
 def test_cu_seqlens_equals_separate_calls():

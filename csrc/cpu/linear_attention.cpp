@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <type_traits>
 #include <tuple>
 
 #include "common.h"
@@ -44,7 +45,7 @@ enum : int64_t { kIdentity = 0, kEluPlusOne = 1, kRelu = 2 };
 
 template <typename T, int R>
 void scan_block(T* __restrict M, int64_t ldm, const T* __restrict a, const T* __restrict c, int64_t lda,
-                const T* __restrict b, T* __restrict out, int64_t ldb, int64_t n, bool reverse) {
+                const T* __restrict b, T* __restrict out, int64_t ldb, int64_t n, bool reverse, bool accumulate) {
   using V = Vec<T>;
   V m[R];
   for (int i = 0; i < R; ++i) m[i] = *reinterpret_cast<const V*>(M + i * ldm);
@@ -64,24 +65,26 @@ void scan_block(T* __restrict M, int64_t ldm, const T* __restrict a, const T* __
       m[i + 1] += at[i + 1] * bt;
       acc1 += ct[i + 1] * m[i + 1];
     }
-    *reinterpret_cast<V*>(out + t * ldb) += acc0 + acc1;
+    V* o = reinterpret_cast<V*>(out + t * ldb);
+    *o = accumulate ? *o + acc0 + acc1 : acc0 + acc1;
   }
   for (int i = 0; i < R; ++i) *reinterpret_cast<V*>(M + i * ldm) = m[i];
 }
 
 // The recurrence over n tokens for the whole state M [rows x cols] (row-major): a and c have token stride rows,
-// b and out token stride cols; rows is a multiple of kRowStep and cols of a vector.
+// b and out token stride cols; rows is a multiple of kRowStep and cols of a vector. out is overwritten (the
+// first row tile writes it, the others add to it).
 template <typename T>
 void scan(T* M, const T* a, const T* c, int64_t rows, const T* b, T* out, int64_t cols, int64_t n, bool reverse) {
   int64_t r = 0;
   for (; r + kRowTile <= rows; r += kRowTile) {
     for (int64_t j = 0; j < cols; j += kLanes<T>) {
-      scan_block<T, kRowTile>(M + r * cols + j, cols, a + r, c + r, rows, b + j, out + j, cols, n, reverse);
+      scan_block<T, kRowTile>(M + r * cols + j, cols, a + r, c + r, rows, b + j, out + j, cols, n, reverse, r > 0);
     }
   }
   for (; r < rows; r += kRowStep) {
     for (int64_t j = 0; j < cols; j += kLanes<T>) {
-      scan_block<T, kRowStep>(M + r * cols + j, cols, a + r, c + r, rows, b + j, out + j, cols, n, reverse);
+      scan_block<T, kRowStep>(M + r * cols + j, cols, a + r, c + r, rows, b + j, out + j, cols, n, reverse, r > 0);
     }
   }
 }
@@ -134,6 +137,27 @@ void store_input_grad(const acc_t* g, const scalar_t* x, scalar_t* out, int64_t 
 #pragma omp simd
       for (int64_t i = 0; i < d; ++i) out[i] = static_cast<scalar_t>(mul * g[i]);
   }
+}
+
+// Rows [n, d] of src as the kernels read them (mul * phi(x), row stride ld): src itself when that is already
+// so (float32/float64, identity map, no scaling, no padding), else converted into scratch.
+template <typename acc_t, typename scalar_t>
+const acc_t* rows_view(const scalar_t* src, int64_t n, int64_t d, acc_t* scratch, int64_t ld, int64_t fm, acc_t mul) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    if (d == ld && fm == kIdentity && mul == acc_t(1)) return src;
+  }
+  load_rows(src, n, d, scratch, ld, fm, mul);
+  return scratch;
+}
+
+// Where a scan's output rows [n, d] go: straight into the output tensor when no conversion or normalization
+// follows (same condition as rows_view), else into scratch for an epilogue.
+template <typename acc_t, typename scalar_t>
+acc_t* output_rows(scalar_t* dst, int64_t d, acc_t* scratch, int64_t ld, bool epilogue) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    if (d == ld && !epilogue) return dst;
+  }
+  return scratch;
 }
 
 // Sizes and options of one call, and where each (sequence, head) unit's tokens are.
@@ -202,21 +226,22 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
       if (z0 != nullptr) std::copy(z0 + u * K, z0 + (u + 1) * K, zs);
       for (int64_t t0 = 0; t0 < len; t0 += kBlockT) {
         const int64_t nb = std::min(kBlockT, len - t0), row = row0 + t0;
-        load_rows(q + row * K, nb, K, qf, Kp, p.fm, static_cast<acc_t>(p.scale));
-        load_rows(k + row * K, nb, K, kf, Kp, p.fm, acc_t(1));
-        load_rows(v + row * V, nb, V, vf, Vp, kIdentity, acc_t(1));
+        const acc_t* qr = rows_view(q + row * K, nb, K, qf, Kp, p.fm, static_cast<acc_t>(p.scale));
+        const acc_t* kr = rows_view(k + row * K, nb, K, kf, Kp, p.fm, acc_t(1));
+        const acc_t* vr = rows_view(v + row * V, nb, V, vf, Vp, kIdentity, acc_t(1));
         for (int64_t t = 0; t < nb; ++t) {
           acc_t dot = 0;
 #pragma omp simd reduction(+ : dot)
           for (int64_t i = 0; i < Kp; ++i) {
-            zs[i] += kf[t * Kp + i];
-            dot += qf[t * Kp + i] * zs[i];
+            zs[i] += kr[t * Kp + i];
+            dot += qr[t * Kp + i] * zs[i];
           }
           d[t] = dot + static_cast<acc_t>(p.eps);
           den[row + t] = d[t];
         }
-        std::fill(num, num + nb * Vp, acc_t(0));
-        scan(S, kf, qf, Kp, vf, num, Vp, nb, false);
+        acc_t* out = output_rows(o + row * V, V, num, Vp, p.normalize);
+        scan(S, kr, qr, Kp, vr, out, Vp, nb, false);
+        if (out == reinterpret_cast<acc_t*>(o + row * V)) continue;
         for (int64_t t = 0; t < nb; ++t) {
           const acc_t r = p.normalize ? acc_t(1) / d[t] : acc_t(1);
           scalar_t* ot = o + (row + t) * V;
@@ -230,37 +255,47 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
   });
 }
 
-// Backward scratch for one block: the converted inputs and the normalizer's gradient pieces.
+// Backward scratch for one block, and the rows the scans read (scratch or the input tensors, see rows_view).
 template <typename acc_t>
-struct BlockInputs {
+struct BlockScratch {
   acc_t *qf, *kf, *vf, *dn, *dd;
 };
+template <typename acc_t>
+struct BlockRows {
+  const acc_t *q, *k, *v, *dn;
+};
 
-// Converts block [row, row + nb) for the backward: q' (if with_q), k', v, dn = do / den and dd = -(do . o) / den
-// (with normalize; else dn = do and dd = 0).
+// Block [row, row + nb) for the backward: q' (if with_q), k', v, dn = do / den and dd = -(do . o) / den (with
+// normalize; else dn = do and dd = 0).
 template <typename scalar_t, typename acc_t>
-void load_backward_block(const Problem& p, int64_t row, int64_t nb, const scalar_t* q, const scalar_t* k,
-                         const scalar_t* v, const scalar_t* go, const scalar_t* o, const acc_t* den,
-                         const BlockInputs<acc_t>& s, bool with_q) {
+BlockRows<acc_t> load_backward_block(const Problem& p, int64_t row, int64_t nb, const scalar_t* q,
+                                     const scalar_t* k, const scalar_t* v, const scalar_t* go, const scalar_t* o,
+                                     const acc_t* den, const BlockScratch<acc_t>& s, bool with_q) {
   const int64_t K = p.K, V = p.V, Kp = p.Kp, Vp = p.Vp;
-  if (with_q) load_rows(q + row * K, nb, K, s.qf, Kp, p.fm, static_cast<acc_t>(p.scale));
-  load_rows(k + row * K, nb, K, s.kf, Kp, p.fm, acc_t(1));
-  load_rows(v + row * V, nb, V, s.vf, Vp, kIdentity, acc_t(1));
+  BlockRows<acc_t> r;
+  r.q = with_q ? rows_view(q + row * K, nb, K, s.qf, Kp, p.fm, static_cast<acc_t>(p.scale)) : nullptr;
+  r.k = rows_view(k + row * K, nb, K, s.kf, Kp, p.fm, acc_t(1));
+  r.v = rows_view(v + row * V, nb, V, s.vf, Vp, kIdentity, acc_t(1));
+  if (!p.normalize) {
+    std::fill(s.dd, s.dd + nb, acc_t(0));
+    r.dn = rows_view(go + row * V, nb, V, s.dn, Vp, kIdentity, acc_t(1));
+    return r;
+  }
   load_rows(go + row * V, nb, V, s.dn, Vp, kIdentity, acc_t(1));
   for (int64_t t = 0; t < nb; ++t) {
-    s.dd[t] = 0;
-    if (!p.normalize) continue;
-    const acc_t r = acc_t(1) / den[row + t];
+    const acc_t inv = acc_t(1) / den[row + t];
     const scalar_t* ot = o + (row + t) * V;
     acc_t* g = s.dn + t * Vp;
     acc_t dot = 0;
 #pragma omp simd reduction(+ : dot)
     for (int64_t j = 0; j < V; ++j) {
       dot += g[j] * static_cast<acc_t>(ot[j]);
-      g[j] *= r;
+      g[j] *= inv;
     }
-    s.dd[t] = -dot * r;
+    s.dd[t] = -dot * inv;
   }
+  r.dn = s.dn;
+  return r;
 }
 
 template <typename scalar_t>
@@ -274,7 +309,7 @@ void backward_kernel(const Problem& p, const scalar_t* go, const at::opmath_type
   const acc_t scale = static_cast<acc_t>(p.scale);
   at::parallel_for(0, p.units, 1, [&](int64_t begin, int64_t end) {
     AlignedBuffer<acc_t> buf(3 * kBlockT * (Kp + Vp) + 3 * Kp * Vp + 2 * Kp + kBlockT);
-    BlockInputs<acc_t> s;
+    BlockScratch<acc_t> s;
     s.qf = buf.data();
     s.kf = s.qf + kBlockT * Kp;
     s.vf = s.kf + kBlockT * Kp;
@@ -296,16 +331,17 @@ void backward_kernel(const Problem& p, const scalar_t* go, const at::opmath_type
       if (z0 != nullptr) std::copy(z0 + u * K, z0 + (u + 1) * K, zs);
       for (int64_t t0 = 0; t0 < len; t0 += kBlockT) {
         const int64_t nb = std::min(kBlockT, len - t0), row = row0 + t0;
-        load_backward_block(p, row, nb, q, k, v, go, o, den, s, false);
-        std::fill(gk, gk + nb * Kp, acc_t(0));
-        scan(ST, s.vf, s.dn, Vp, s.kf, gk, Kp, nb, false);
+        const BlockRows<acc_t> r = load_backward_block(p, row, nb, q, k, v, go, o, den, s, false);
+        scan(ST, r.v, r.dn, Vp, r.k, gk, Kp, nb, false);
         for (int64_t t = 0; t < nb; ++t) {
           acc_t* g = gk + t * Kp;
-          const acc_t ddt = s.dd[t];
+          if (p.normalize) {
+            const acc_t ddt = s.dd[t];
 #pragma omp simd
-          for (int64_t i = 0; i < K; ++i) {
-            zs[i] += s.kf[t * Kp + i];
-            g[i] += ddt * zs[i];
+            for (int64_t i = 0; i < K; ++i) {
+              zs[i] += r.k[t * Kp + i];
+              g[i] += ddt * zs[i];
+            }
           }
           store_input_grad(g, q + (row + t) * K, dq + (row + t) * K, K, p.fm, scale);
         }
@@ -317,20 +353,23 @@ void backward_kernel(const Problem& p, const scalar_t* go, const at::opmath_type
       if (gz != nullptr) std::copy(gz + u * K, gz + (u + 1) * K, zr);
       for (int64_t t0 = (len - 1) / kBlockT * kBlockT; t0 >= 0 && len > 0; t0 -= kBlockT) {
         const int64_t nb = std::min(kBlockT, len - t0), row = row0 + t0;
-        load_backward_block(p, row, nb, q, k, v, go, o, den, s, true);
-        std::fill(gk, gk + nb * Kp, acc_t(0));
-        std::fill(gv, gv + nb * Vp, acc_t(0));
-        scan(dS, s.qf, s.kf, Kp, s.dn, gv, Vp, nb, true);
-        scan(dST, s.dn, s.vf, Vp, s.qf, gk, Kp, nb, true);
+        const BlockRows<acc_t> r = load_backward_block(p, row, nb, q, k, v, go, o, den, s, true);
+        acc_t* dvr = output_rows(dv + row * V, V, gv, Vp, false);
+        scan(dS, r.q, r.k, Kp, r.dn, dvr, Vp, nb, true);
+        scan(dST, r.dn, r.v, Vp, r.q, gk, Kp, nb, true);
         for (int64_t t = nb - 1; t >= 0; --t) {
           acc_t* g = gk + t * Kp;
-          const acc_t ddt = s.dd[t];
+          // Z_t is constant (grad_z) without normalize: dd = 0.
+          if (p.normalize || gz != nullptr) {
+            const acc_t ddt = s.dd[t];
 #pragma omp simd
-          for (int64_t i = 0; i < K; ++i) {
-            zr[i] += s.qf[t * Kp + i] * ddt;
-            g[i] += zr[i];
+            for (int64_t i = 0; i < K; ++i) {
+              zr[i] += r.q[t * Kp + i] * ddt;
+              g[i] += zr[i];
+            }
           }
           store_input_grad(g, k + (row + t) * K, dk + (row + t) * K, K, p.fm, acc_t(1));
+          if (dvr == reinterpret_cast<acc_t*>(dv + row * V)) continue;
           scalar_t* dvt = dv + (row + t) * V;
 #pragma omp simd
           for (int64_t j = 0; j < V; ++j) dvt[j] = static_cast<scalar_t>(gv[t * Vp + j]);
