@@ -1,0 +1,165 @@
+// Building blocks of the CPU causal-linear-attention kernels (csrc/cpu/linear_attention.cpp, whose header
+// comment explains the design): the register-tiled state scan, and the row conversions around it. A header
+// rather than a second .cpp, so that the extension keeps one translation unit per op (each costs ~30 s to build).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "common.h"
+
+namespace fastml {
+namespace la_cpu {
+
+// Tokens converted and scanned at a time: a block's rows of q', k', v and the outputs (4 x 64 x 256 B for
+// K = V = 64 in float32) stay in L1/L2 across the passes over the block.
+constexpr int64_t kBlockT = 64;
+// Rows of M held in registers per pass: 16 tiles + 3 working vectors fit the 32 AVX-512 registers; 8 fit the 16
+// of AVX2.
+constexpr int kRowTile = kVecBytes == 64 ? 16 : 8;
+constexpr int kRowStep = 8;  // state dims are padded to multiples of this (and of a vector)
+
+enum : int64_t { kIdentity = 0, kEluPlusOne = 1, kRelu = 2 };
+
+template <typename T, int R>
+void scan_block(T* __restrict M, int64_t ldm, const T* __restrict a, const T* __restrict c, int64_t lda,
+                const T* __restrict b, T* __restrict out, int64_t ldb, int64_t n, bool reverse, bool accumulate) {
+  using V = Vec<T>;
+  V m[R];
+  for (int i = 0; i < R; ++i) m[i] = *reinterpret_cast<const V*>(M + i * ldm);
+  const int64_t step = reverse ? -1 : 1;
+  int64_t t = reverse ? n - 1 : 0;
+  for (int64_t s = 0; s < n; ++s, t += step) {
+    const T* at = a + t * lda;
+    const T* ct = c + t * lda;
+    const V bt = *reinterpret_cast<const V*>(b + t * ldb);
+    // Two accumulators halve the chain of dependent multiply-adds into out_t.
+    V acc0 = {};
+    V acc1 = {};
+#pragma GCC unroll 16
+    for (int i = 0; i < R; i += 2) {
+      m[i] += at[i] * bt;
+      acc0 += ct[i] * m[i];
+      m[i + 1] += at[i + 1] * bt;
+      acc1 += ct[i + 1] * m[i + 1];
+    }
+    V* o = reinterpret_cast<V*>(out + t * ldb);
+    *o = accumulate ? *o + acc0 + acc1 : acc0 + acc1;
+  }
+  for (int i = 0; i < R; ++i) *reinterpret_cast<V*>(M + i * ldm) = m[i];
+}
+
+// The recurrence over n tokens for the whole state M [rows x cols] (row-major): a and c have token stride rows,
+// b and out token stride cols; rows is a multiple of kRowStep and cols of a vector. out is overwritten (the
+// first row tile writes it, the others add to it).
+template <typename T>
+void scan(T* M, const T* a, const T* c, int64_t rows, const T* b, T* out, int64_t cols, int64_t n, bool reverse) {
+  int64_t r = 0;
+  for (; r + kRowTile <= rows; r += kRowTile) {
+    for (int64_t j = 0; j < cols; j += kLanes<T>) {
+      scan_block<T, kRowTile>(M + r * cols + j, cols, a + r, c + r, rows, b + j, out + j, cols, n, reverse, r > 0);
+    }
+  }
+  for (; r < rows; r += kRowStep) {
+    for (int64_t j = 0; j < cols; j += kLanes<T>) {
+      scan_block<T, kRowStep>(M + r * cols + j, cols, a + r, c + r, rows, b + j, out + j, cols, n, reverse, r > 0);
+    }
+  }
+}
+
+// dst [n, ld] = mul * phi(src [n, d]) in the compute type, zero in the padding columns d..ld.
+template <typename acc_t, typename scalar_t, typename F>
+void map_rows(const scalar_t* src, int64_t n, int64_t d, acc_t* dst, int64_t ld, F f) {
+  for (int64_t t = 0; t < n; ++t) {
+    const scalar_t* s = src + t * d;
+    acc_t* o = dst + t * ld;
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) o[i] = f(static_cast<acc_t>(s[i]));
+    std::fill(o + d, o + ld, acc_t(0));
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+void load_rows(const scalar_t* src, int64_t n, int64_t d, acc_t* dst, int64_t ld, int64_t fm, acc_t mul) {
+  switch (fm) {
+    case kEluPlusOne:
+      map_rows(src, n, d, dst, ld, [mul](acc_t x) { return mul * (x > 0 ? x + acc_t(1) : exp_nonpositive(x)); });
+      break;
+    case kRelu:  // written so that NaN passes through, as in torch.relu
+      map_rows(src, n, d, dst, ld, [mul](acc_t x) { return mul * (x < 0 ? acc_t(0) : x); });
+      break;
+    default:
+      map_rows(src, n, d, dst, ld, [mul](acc_t x) { return mul * x; });
+  }
+}
+
+// out = mul * g * phi'(x) in the input dtype, for one row of d elements: the chain rule from a gradient w.r.t.
+// the mapped q' or k' to one w.r.t. the raw input.
+template <typename acc_t, typename scalar_t>
+void store_input_grad(const acc_t* g, const scalar_t* x, scalar_t* out, int64_t d, int64_t fm, acc_t mul) {
+  switch (fm) {
+    case kEluPlusOne:
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) {
+        const acc_t xi = static_cast<acc_t>(x[i]);
+        out[i] = static_cast<scalar_t>(mul * g[i] * (xi > 0 ? acc_t(1) : exp_nonpositive(xi)));
+      }
+      break;
+    case kRelu:
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) {
+        out[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) > 0 ? mul * g[i] : acc_t(0));
+      }
+      break;
+    default:
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) out[i] = static_cast<scalar_t>(mul * g[i]);
+  }
+}
+
+// Rows [n, d] of src as the kernels read them (mul * phi(x), row stride ld): src itself when that is already
+// so (float32/float64, identity map, no scaling, no padding), else converted into scratch.
+template <typename acc_t, typename scalar_t>
+const acc_t* rows_view(const scalar_t* src, int64_t n, int64_t d, acc_t* scratch, int64_t ld, int64_t fm, acc_t mul) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    if (d == ld && fm == kIdentity && mul == acc_t(1)) return src;
+  }
+  load_rows(src, n, d, scratch, ld, fm, mul);
+  return scratch;
+}
+
+// Where a scan's output rows [n, d] go: straight into the output tensor when no conversion or normalization
+// follows (same condition as rows_view), else into scratch for an epilogue.
+template <typename acc_t, typename scalar_t>
+acc_t* output_rows(scalar_t* dst, int64_t d, acc_t* scratch, int64_t ld, bool epilogue) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    if (d == ld && !epilogue) return dst;
+  }
+  return scratch;
+}
+
+// State [rows x cols] (or zeros if src is null) into the padded M with row stride ld, transposed if asked;
+// M has `size` elements, the padding is zero.
+template <typename acc_t>
+void load_state(const acc_t* src, int64_t rows, int64_t cols, acc_t* M, int64_t ld, int64_t size, bool transpose) {
+  std::fill(M, M + size, acc_t(0));
+  if (src == nullptr) return;
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) {
+      if (transpose) {
+        M[j * ld + i] = src[i * cols + j];
+      } else {
+        M[i * ld + j] = src[i * cols + j];
+      }
+    }
+  }
+}
+
+template <typename acc_t>
+void store_state(const acc_t* M, int64_t cols_p, acc_t* dst, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) std::copy(M + i * cols_p, M + i * cols_p + cols, dst + i * cols);
+}
+
+}  // namespace la_cpu
+}  // namespace fastml
