@@ -34,7 +34,7 @@ def _build_cuda():
 
 def _extension():
     sources = ["csrc/fastml.cpp"] + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-march=native"]
+    cxx = ["-O3", "-fopenmp", "-march=native"]
     cxx += os.environ.get("FASTML_CXXFLAGS", "").split()
     kwargs = dict(
         name="fastml._C",
