@@ -18,7 +18,7 @@ from fastml.ops.integrated_gradients.reference import acc_dtype
 
 # A chunk's scaled inputs are sized to this many bytes (the model's activations scale with them, and on a CPU a
 # few MiB of input rows keep convolutions and GEMMs at full speed without the activations leaving memory bounds).
-CHUNK_BYTES = 4 * 2**20
+CHUNK_BYTES = 2 * 2**20
 # ... and never more than this many steps, so that memory stays bounded for small inputs and large n_steps.
 MAX_CHUNK_STEPS = 32
 
