@@ -1,0 +1,23 @@
+"""Checks of the options shared by integrated_gradients and LayerIntegratedGradients (before any work)."""
+import numbers
+
+from fastml import _backend
+from fastml.ops.integrated_gradients import quadrature
+
+
+def check_options(*, n_steps, method, internal_batch_size, rtol, atol, max_steps, backend):
+    quadrature.check_method(method, n_steps)
+    if internal_batch_size is not None and (isinstance(internal_batch_size, bool) or
+                                            not isinstance(internal_batch_size, int) or internal_batch_size < 1):
+        raise ValueError(f"internal_batch_size must be None or an integer >= 1, got {internal_batch_size!r}")
+    if rtol is not None:
+        if not isinstance(rtol, numbers.Real) or not rtol >= 0:
+            raise ValueError(f"rtol must be None or a number >= 0, got {rtol!r}")
+        if not isinstance(atol, numbers.Real) or not atol >= 0:
+            raise ValueError(f"atol must be a number >= 0, got {atol!r}")
+        if rtol == 0 and atol == 0:
+            raise ValueError("rtol and atol cannot both be 0 (no rule meets a zero tolerance)")
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < n_steps:
+            raise ValueError(f"max_steps must be an integer >= n_steps ({n_steps}), got {max_steps!r}")
+    if not isinstance(backend, str) or backend not in _backend.BACKEND_NAMES + ("auto",):
+        raise ValueError(f"backend must be 'auto' or one of {_backend.BACKEND_NAMES}, got {backend!r}")

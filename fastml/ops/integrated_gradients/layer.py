@@ -1,0 +1,134 @@
+"""LayerIntegratedGradients: IG with respect to one layer's output (or input), e.g. the embeddings of a text model
+whose inputs are token ids. Captum's semantics: the path runs from the layer's activations at the baselines to its
+activations at the inputs; the model is run on the inputs and a hook replaces the layer's activations with the
+scaled ones."""
+import torch
+from torch import nn
+
+from fastml.ops.integrated_gradients import _args, driver
+from fastml.ops.integrated_gradients._validate import check_options
+
+
+def _as_acts(value, where):
+    acts, is_tuple = (value, True) if isinstance(value, tuple) else ((value,), False)
+    for i, a in enumerate(acts):
+        if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+            raise TypeError(f"layer: its {where} [{i}] must be a floating tensor to attribute to it, got "
+                            f"{getattr(a, 'dtype', type(a).__name__)}")
+    return acts, is_tuple
+
+
+class LayerProblem:
+    """IG with respect to a layer's activations (see driver.py for the protocol)."""
+
+    def __init__(self, forward_func, layer, to_input, model_inputs, model_baselines, target, additional, grad_kwargs):
+        self.forward_func = forward_func
+        self.layer = layer
+        self.to_input = to_input
+        self.model_inputs = model_inputs
+        self.model_baselines = model_baselines
+        self.target = target
+        self.additional = additional
+        self.grad_kwargs = grad_kwargs or {}
+        self.batch = model_inputs[0].shape[0]
+        self.inputs, self.is_tuple = self._capture(model_inputs)
+        self.baselines, _ = self._capture(model_baselines)
+        for i, (a, b) in enumerate(zip(self.inputs, self.baselines)):
+            if a.dim() < 1 or a.shape[0] != self.batch or b.shape != a.shape:
+                raise ValueError(f"layer: its {self._where()} [{i}] must have the batch ({self.batch}) as first dim "
+                                 f"and the same shape at inputs and baselines, got {list(a.shape)} and "
+                                 f"{list(b.shape)}")
+
+    def _where(self):
+        return "input" if self.to_input else "output"
+
+    def _capture(self, model_inputs):
+        """The layer's activations when the model runs on `model_inputs` (no gradients)."""
+        seen = []
+
+        def hook(module, args, output=None):
+            seen.append(args if self.to_input else output)
+
+        handle = (self.layer.register_forward_pre_hook(hook) if self.to_input
+                  else self.layer.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                self.forward_func(*model_inputs, *self.additional)
+        finally:
+            handle.remove()
+        if not seen:
+            raise ValueError("layer: it was not called by forward_func")
+        acts, is_tuple = _as_acts(seen[0], self._where())
+        return tuple(a.detach() for a in acts), is_tuple
+
+    def grads(self, scaled, idx, steps):
+        model_args = _args.subset_additional(self.model_inputs + self.additional, idx, self.batch)
+        model_args = _args.expand_additional(model_args, steps)
+        target = _args.expand_target(_args.subset_target(self.target, idx), steps)
+        replacement = scaled if self.to_input or self.is_tuple else scaled[0]
+
+        def hook(module, args, output=None):
+            return replacement
+
+        handle = (self.layer.register_forward_pre_hook(hook) if self.to_input
+                  else self.layer.register_forward_hook(hook))
+        try:
+            with torch.enable_grad():
+                selected = _args.select(self.forward_func(*model_args), target)
+                return torch.autograd.grad(selected.sum(), scaled, **self.grad_kwargs)
+        finally:
+            handle.remove()
+
+    def _evaluate(self, points):
+        out = _args.select(self.forward_func(*points, *self.additional), self.target)
+        return out.reshape(self.batch, -1).sum(1)
+
+    def endpoint_outputs(self):
+        with torch.no_grad():
+            return self._evaluate(self.model_inputs), self._evaluate(self.model_baselines)
+
+
+class LayerIntegratedGradients:
+    """Drop-in for captum.attr.LayerIntegratedGradients with one layer (an nn.Module): the same constructor and
+    `attribute` with Captum's positional order; fastml's keyword options (rtol, atol, max_steps, progress,
+    backend) may follow. device_ids is accepted for compatibility; the model runs where its inputs are."""
+
+    def __init__(self, forward_func, layer, device_ids=None, multiply_by_inputs=True):
+        if not isinstance(layer, nn.Module):
+            raise TypeError(f"layer must be one torch.nn.Module, got {type(layer).__name__}")
+        self.forward_func = forward_func
+        self.layer = layer
+        self.device_ids = device_ids
+        self._multiply_by_inputs = multiply_by_inputs
+
+    @property
+    def multiplies_by_inputs(self):
+        return self._multiply_by_inputs
+
+    def has_convergence_delta(self):
+        return True
+
+    def attribute(self, inputs, baselines=None, target=None, additional_forward_args=None, n_steps=50,
+                  method="gausslegendre", internal_batch_size=None, return_convergence_delta=False,
+                  attribute_to_layer_input=False, grad_kwargs=None, *, rtol=None, atol=0.0, max_steps=512,
+                  progress=False, backend="auto"):
+        """Attributions to the layer's output (its input with attribute_to_layer_input=True): a tensor, or a
+        tuple when the layer gives several. inputs may be token ids; baselines as in integrated_gradients, in the
+        inputs' dtype (e.g. a padding id). delta [B] = sum(attr) - (F(inputs) - F(baselines))."""
+        inputs, _ = _args.as_tuple(inputs)
+        batch = _args.check_inputs(inputs, floating=False)
+        check_options(n_steps=n_steps, method=method, internal_batch_size=internal_batch_size, rtol=rtol,
+                      atol=atol, max_steps=max_steps, backend=backend)
+        baselines = tuple(b.contiguous() for b in _args.format_baselines(baselines, inputs))
+        _args.check_target(target, batch)
+        if grad_kwargs is not None and not isinstance(grad_kwargs, dict):
+            raise TypeError(f"grad_kwargs must be None or a dict, got {type(grad_kwargs).__name__}")
+        additional = _args.format_additional(additional_forward_args)
+        problem = LayerProblem(self.forward_func, self.layer, attribute_to_layer_input, inputs, baselines, target,
+                               additional, grad_kwargs)
+        attrs, delta = driver.run(problem, method=method, n_steps=n_steps, internal_batch_size=internal_batch_size,
+                                  multiply_by_inputs=self._multiply_by_inputs,
+                                  want_delta=return_convergence_delta, rtol=rtol, atol=atol, max_steps=max_steps,
+                                  progress=progress, backend=backend)
+        out = attrs if len(attrs) > 1 else attrs[0]
+        return (out, delta) if return_convergence_delta else out

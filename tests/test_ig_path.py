@@ -1,0 +1,106 @@
+"""The IG path kernels ig_scale_inputs / ig_accumulate: every CPU backend against the reference and the maths."""
+import pytest
+import torch
+
+import fastml
+from fastml import _backend
+from fastml.testing import assert_close
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+SHAPES = [(1, 1), (3, 5), (2, 3, 7, 9), (4, 2100)]  # 2100 > one 2048-element tile of the C++ kernel
+
+
+def _cpp_or_skip():
+    reason = _backend.op_backends("ig_accumulate")["cpp"].why_not(_backend.Call(torch.device("cpu"), torch.float32))
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def _data(shape, dtype, S, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    xb = torch.randn(shape, generator=g, dtype=torch.float64)
+    grads = torch.randn(S * shape[0], *shape[1:], generator=g, dtype=torch.float64)
+    alphas = torch.rand(S, generator=g, dtype=torch.float64)
+    weights = torch.rand(S, generator=g, dtype=torch.float64)
+    return x.to(dtype), xb.to(dtype), grads.to(dtype), alphas, weights
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_is_the_formula(shape, dtype):
+    S = 3
+    x, xb, grads, alphas, weights = _data(shape, dtype, S)
+    scaled = fastml.ig_scale_inputs(x, xb, alphas, backend="reference")
+    for s in range(S):
+        expected = xb.double() + alphas[s] * (x.double() - xb.double())
+        assert_close(scaled[s * shape[0]:(s + 1) * shape[0]], expected.to(dtype), dtype=dtype)
+    attr, sums = fastml.ig_accumulate(grads, x, xb, weights, return_sums=True, backend="reference")
+    total = sum(weights[s] * grads[s * shape[0]:(s + 1) * shape[0]].double() for s in range(S))
+    expected = total * (x.double() - xb.double())
+    assert attr.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(attr, expected, dtype=dtype)
+    assert_close(sums, expected.reshape(shape[0], -1).sum(1), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mul", [True, False])
+@pytest.mark.parametrize("with_acc", [False, True])
+def test_cpp_matches_reference(shape, dtype, mul, with_acc):
+    _cpp_or_skip()
+    S = 5
+    x, xb, grads, alphas, weights = _data(shape, dtype, S, seed=1)
+    ad = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = torch.randn(shape, dtype=ad) if with_acc else None
+    for backend_args in [(x, xb), (x, xb[:1])]:  # full baselines and baselines broadcast over the batch
+        got = fastml.ig_scale_inputs(*backend_args, alphas, backend="cpp")
+        ref = fastml.ig_scale_inputs(*backend_args, alphas, backend="reference")
+        assert got.dtype == dtype
+        assert_close(got, ref, dtype=dtype)
+        got_a, got_s = fastml.ig_accumulate(grads, *backend_args, weights, multiply_by_inputs=mul, acc=acc,
+                                            return_sums=True, backend="cpp")
+        ref_a, ref_s = fastml.ig_accumulate(grads, *backend_args, weights, multiply_by_inputs=mul, acc=acc,
+                                            return_sums=True, backend="reference")
+        assert got_a.dtype == ref_a.dtype == ad
+        assert_close(got_a, ref_a, dtype=dtype)
+        assert_close(got_s, ref_s, dtype=dtype, rtol=1e-3 if dtype != torch.float64 else None)
+
+
+def test_cpp_noncontiguous_inputs():
+    _cpp_or_skip()
+    x = torch.randn(6, 4).t()  # [4, 6], strided
+    xb = torch.randn(4, 6)
+    w = torch.rand(2)
+    grads = torch.randn(6, 8).t()  # [S*B, 6] = [8, 6], strided
+    assert_close(fastml.ig_scale_inputs(x, xb, w, backend="cpp"), fastml.ig_scale_inputs(x, xb, w, backend="reference"))
+    assert_close(fastml.ig_accumulate(grads, x, xb, w, backend="cpp"),
+                 fastml.ig_accumulate(grads, x, xb, w, backend="reference"))
+
+
+def test_opcheck():
+    _cpp_or_skip()
+    x, xb, grads, alphas, weights = _data((3, 4), torch.float32, 2)
+    torch.library.opcheck(torch.ops.fastml.ig_scale_inputs, (x, xb, alphas.float()))
+    acc = torch.randn(3, 4)
+    for mul, a in [(True, None), (False, acc)]:
+        torch.library.opcheck(torch.ops.fastml.ig_accumulate, (grads, x, xb, weights.float(), mul, a))
+
+
+def test_triton_reports_unavailable_without_its_op():
+    reason = _backend.op_backends("ig_accumulate")["triton"].why_not(_backend.Call(torch.device("cpu"), torch.float32))
+    if hasattr(torch.ops.fastml, "ig_accumulate_triton"):
+        pytest.skip("the triton ops are registered here; kernels tests cover them")
+    assert reason is not None
+
+
+def test_path_errors_name_the_argument():
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="baselines"):
+        fastml.ig_scale_inputs(x, torch.randn(4, 3), torch.rand(2))
+    with pytest.raises(ValueError, match="alphas"):
+        fastml.ig_scale_inputs(x, x, torch.rand(2, 1))
+    with pytest.raises(ValueError, match="grads"):
+        fastml.ig_accumulate(torch.randn(5, 3), x, x, torch.rand(2))
+    with pytest.raises(TypeError, match="inputs"):
+        fastml.ig_scale_inputs(x.long(), x.long(), torch.rand(2))
