@@ -194,6 +194,8 @@ def _register():
 
 
 def _triton_supports(call):
+    if call.dtype == torch.float64:
+        return "the triton kernels compute in float32; float64 inputs are served by the cpp/cuda/reference backends"
     if call.options.get("K", 0) > 256 or call.options.get("V", 0) > 256:
         return "the triton kernels take head dims up to 256"
     if call.device.type == "cpu" and call.dtype == torch.bfloat16:
