@@ -72,3 +72,42 @@ def segment(cu_ptr, i_n, T, VARLEN: tl.constexpr):
         bos = 0
         eos = T
     return b, bos, eos
+
+
+@triton.jit
+def load_tile(ptr, tok, cols, mt, W: tl.constexpr, BW: tl.constexpr):
+    """Rows `tok` (int64 token indices, read where mt, else 0) and columns `cols` of a row-major [*, W] tensor.
+    The column mask is compiled in only when W does not fill the tiles."""
+    if W % BW == 0:
+        x = tl.load(ptr + tok[:, None] * W + cols[None, :], mask=mt[:, None], other=0.0)
+    else:
+        x = tl.load(ptr + tok[:, None] * W + cols[None, :], mask=mt[:, None] & (cols < W)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def store_tile(ptr, x, tok, cols, mt, W: tl.constexpr, BW: tl.constexpr):
+    if W % BW == 0:
+        tl.store(ptr + tok[:, None] * W + cols[None, :], x.to(ptr.dtype.element_ty), mask=mt[:, None])
+    else:
+        tl.store(ptr + tok[:, None] * W + cols[None, :], x.to(ptr.dtype.element_ty),
+                 mask=mt[:, None] & (cols < W)[None, :])
+
+
+@triton.jit
+def features(x, cols, FMAP: tl.constexpr, W: tl.constexpr, BW: tl.constexpr):
+    """phi(x) in float32 for a tile read by load_tile. Padded columns stay zero (elu+1 maps the zeros read there to
+    1, so it needs the mask; identity and relu keep 0). Padded rows are left as they are: every product that meets
+    them also meets a zero row of v or do, except the key sums, which use masked_colsum."""
+    f = feature_map(x.to(tl.float32), FMAP)
+    if FMAP == 1 and W % BW != 0:
+        f = tl.where((cols < W)[None, :], f, 0.0)
+    return f
+
+
+@triton.jit
+def masked_colsum(f, mt, FMAP: tl.constexpr):
+    """Sum over the rows of a `features` tile, leaving out padded rows (non-zero only under elu+1)."""
+    if FMAP == 1:
+        f = tl.where(mt[:, None], f, 0.0)
+    return tl.sum(f, 0)
