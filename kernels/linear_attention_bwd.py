@@ -12,19 +12,33 @@ import torch
 import triton
 import triton.language as tl
 
-from fastml.kernels.common import autotune, device_of, dot_types, feature_map, feature_map_grad, pow2, segment
+from fastml.kernels.common import (autotune, device_of, dot_types, feature_map_grad, features, load_tile,
+                                   masked_colsum, pow2, segment, store_tile)
 
-# Value-tile width of the reverse scan and key-tile width of the forward scan: 128 keeps one tile for head dims up
-# to 128, so no input is read twice and dk needs no cross-tile sum.
-TILE = 128
+# Elements of the reverse scan's [K, BV] float32 state tile: value tiles of 128 for K <= 128 (one tile, so dk needs
+# no cross-tile sum); K = 256 takes 64-wide tiles, since a 256 x 128 tile spills twice as much on sm_90.
+STATE_TILE = 128 * 128
 
 
-def _configs():
+# Measured by ptxas for sm_90 (bf16, K = V = 128): 8 warps and 32-token chunks keep register spills small; the
+# first config of each list is the interpreter's.
+def _dq_configs():
+    return [triton.Config({"BT": bt, "BK": bk}, num_warps=w, num_stages=s)
+            for bt, bk, w, s in ((32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 3), (64, 128, 8, 2))]
+
+
+def _prune_dq(configs, named_args, **kwargs):
+    # Key tiles wider than 64 only where K needs them.
+    K = {**named_args, **kwargs}["K"]
+    return [c for c in configs if c.kwargs["BK"] <= max(64, pow2(K))]
+
+
+def _dkv_configs():
     return [triton.Config({"BT": bt}, num_warps=w, num_stages=s)
-            for bt, w, s in ((64, 8, 2), (64, 4, 2), (32, 4, 3), (64, 8, 3), (32, 8, 2))]
+            for bt, w, s in ((32, 8, 2), (64, 8, 2), (32, 8, 3), (32, 4, 2))]
 
 
-@autotune(_configs(), key=["K", "V", "NORMALIZE"])
+@autotune(_dq_configs(), key=["K", "V", "NORMALIZE"], prune=_prune_dq)
 @triton.jit
 def _dq_kernel(do, q, k, v, o, den, kv0, z0, cu, dq, dd, T, H, K: tl.constexpr, V: tl.constexpr, scale,
                FMAP: tl.constexpr, NORMALIZE: tl.constexpr, HAS_STATE: tl.constexpr, VARLEN: tl.constexpr,
@@ -53,17 +67,13 @@ def _dq_kernel(do, q, k, v, o, den, kv0, z0, cu, dq, dd, T, H, K: tl.constexpr, 
         rows = bos + i * BT + ot
         mt = rows < eos
         tok = row0 + rows
-        m_tk = mt[:, None] & mk[None, :]
-        m_tv = mt[:, None] & mv[None, :]
-        kf = tl.load(k + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        kf = tl.where(m_tk, feature_map(kf, FMAP), 0.0)
+        kf = features(load_tile(k, tok, ok, mt, K, BK), ok, FMAP, K, BK)
         kd = kf.to(DT)
-        vb = tl.load(v + tok[:, None] * V + ov[None, :], mask=m_tv, other=0.0).to(DT)
-        dn = tl.load(do + tok[:, None] * V + ov[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        vb = load_tile(v, tok, ov, mt, V, BV).to(DT)
+        dn = load_tile(do, tok, ov, mt, V, BV).to(tl.float32)
         if NORMALIZE:
             d = tl.load(den + tok, mask=mt, other=1.0)
-            ob = tl.load(o + tok[:, None] * V + ov[None, :], mask=m_tv, other=0.0).to(tl.float32)
-            ddv = -tl.sum(dn * ob, 1) / d
+            ddv = -tl.sum(dn * load_tile(o, tok, ov, mt, V, BV).to(tl.float32), 1) / d
             dn = dn / d[:, None]
             if i_k == 0:
                 tl.store(dd + tok, ddv, mask=mt)
@@ -77,14 +87,13 @@ def _dq_kernel(do, q, k, v, o, den, kv0, z0, cu, dq, dd, T, H, K: tl.constexpr, 
         if NORMALIZE:
             # zs is z before this chunk; the chunk's own keys came in through the ones added to m.
             g += ddv[:, None] * zs[None, :]
-        qb = tl.load(q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        g = feature_map_grad(g * scale, qb, FMAP)
-        tl.store(dq + tok[:, None] * K + ok[None, :], g.to(dq.dtype.element_ty), mask=m_tk)
+        g = feature_map_grad(g * scale, load_tile(q, tok, ok, mt, K, BK).to(tl.float32), FMAP)
+        store_tile(dq, g, tok, ok, mt, K, BK)
         S = tl.dot(tl.trans(kd), vb, acc=S, input_precision=PREC)
-        zs += tl.sum(kf, 0)
+        zs += masked_colsum(kf, mt, FMAP)
 
 
-@autotune(_configs(), key=["K", "V", "NORMALIZE"])
+@autotune(_dkv_configs(), key=["K", "V", "NORMALIZE"])
 @triton.jit
 def _dkv_kernel(do, q, k, v, den, dd, gkv, gz, cu, dk, dv, dkv0, dz0, dk_tile_stride, T, H, K: tl.constexpr,
                 V: tl.constexpr, scale, FMAP: tl.constexpr, NORMALIZE: tl.constexpr, HAS_GKV: tl.constexpr,
@@ -122,16 +131,11 @@ def _dkv_kernel(do, q, k, v, den, dd, gkv, gz, cu, dk, dv, dkv0, dz0, dk_tile_st
         rows = bos + (n_chunks - 1 - i) * BT + ot
         mt = rows < eos
         tok = row0 + rows
-        m_tk = mt[:, None] & mk[None, :]
-        m_tv = mt[:, None] & mv[None, :]
-        qf = tl.load(q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        kb = tl.load(k + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        qf = tl.where(m_tk, feature_map(qf, FMAP) * scale, 0.0)
-        kf = tl.where(m_tk, feature_map(kb, FMAP), 0.0)
-        qd = qf.to(DT)
-        kd = kf.to(DT)
-        vb = tl.load(v + tok[:, None] * V + ov[None, :], mask=m_tv, other=0.0).to(DT)
-        dn = tl.load(do + tok[:, None] * V + ov[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        kb = load_tile(k, tok, ok, mt, K, BK)
+        qd = (features(load_tile(q, tok, ok, mt, K, BK), ok, FMAP, K, BK) * scale).to(DT)
+        kd = features(kb, ok, FMAP, K, BK).to(DT)
+        vb = load_tile(v, tok, ov, mt, V, BV).to(DT)
+        dn = load_tile(do, tok, ov, mt, V, BV).to(tl.float32)
         if NORMALIZE:
             d = tl.load(den + tok, mask=mt, other=1.0)
             ddv = tl.load(dd + tok, mask=mt, other=0.0)
@@ -140,7 +144,7 @@ def _dkv_kernel(do, q, k, v, den, dd, gkv, gz, cu, dk, dv, dkv0, dz0, dk_tile_st
         at = tl.where(anti, tl.dot(kd, tl.trans(qd), input_precision=PREC), 0.0)
         gv = tl.dot(at.to(DT), dnd, input_precision=PREC)
         gv = tl.dot(kd, dS.to(DT), acc=gv, input_precision=PREC)
-        tl.store(dv + tok[:, None] * V + ov[None, :], gv.to(dv.dtype.element_ty), mask=m_tv)
+        store_tile(dv, gv, tok, ov, mt, V, BV)
         m = tl.dot(vb, tl.trans(dnd), input_precision=PREC)
         if NORMALIZE:
             m += tl.where(first, ddv, 0.0)[None, :]
@@ -148,11 +152,11 @@ def _dkv_kernel(do, q, k, v, den, dd, gkv, gz, cu, dk, dv, dkv0, dz0, dk_tile_st
         gk = tl.dot(m.to(DT), qd, input_precision=PREC)
         gk = tl.dot(vb, tl.trans(dS.to(DT)), acc=gk, input_precision=PREC)
         gk += tl.where(first, dz, 0.0)[None, :]
-        gk = feature_map_grad(gk, kb, FMAP)
-        tl.store(dk_tile + tok[:, None] * K + ok[None, :], gk.to(dk.dtype.element_ty), mask=m_tk)
+        gk = feature_map_grad(gk, kb.to(tl.float32), FMAP)
+        store_tile(dk_tile, gk, tok, ok, mt, K, BK)
         dS = tl.dot(tl.trans(qd), dnd, acc=dS, input_precision=PREC)
         if NORMALIZE:
-            dz += tl.sum(qf * ddv[:, None], 0)
+            dz += tl.sum(qd.to(tl.float32) * ddv[:, None], 0)
     tl.store(dkv0 + s_off, dS, mask=m_kv)
     if first:
         tl.store(dz0 + i_nh.to(tl.int64) * K + ok, dz, mask=mk)
@@ -166,7 +170,7 @@ def linear_attention_bwd(grad_o, grad_kv, grad_z, q, k, v, o, den, kv0, z0, cu_s
     dq, dv = torch.empty_like(q), torch.empty_like(v)
     dkv0 = q.new_empty(N, H, K, V, dtype=torch.float32)
     dz0 = q.new_empty(N, H, K, dtype=torch.float32)
-    BV = min(pow2(V), TILE)
+    BV = min(pow2(V), max(16, STATE_TILE // pow2(K)))
     n_v = triton.cdiv(V, BV)
     # Several value tiles each hold a share of dk: float32 partials, summed below.
     dk = torch.empty_like(k) if n_v == 1 else q.new_empty(n_v, B, H, T, K, dtype=torch.float32)
@@ -174,11 +178,11 @@ def linear_attention_bwd(grad_o, grad_kv, grad_z, q, k, v, o, den, kv0, z0, cu_s
         return dq, torch.empty_like(k), dv, dkv0, dz0
     dd = torch.empty_like(den) if normalize else den
     dt, prec = dot_types(q.dtype)
-    BK = min(pow2(K), TILE)
     opts = dict(FMAP=fmap, NORMALIZE=normalize, VARLEN=cu_seqlens is not None, DT=dt, PREC=prec)
     with device_of(q):
-        _dq_kernel[(triton.cdiv(K, BK), N * H)](grad_o, q, k, v, o, den, kv0, z0, cu_seqlens, dq, dd, T, H, K, V,
-                                                 scale, HAS_STATE=kv0 is not None, BK=BK, BV=pow2(V), **opts)
+        grid = lambda meta: (triton.cdiv(K, meta["BK"]), N * H)  # noqa: E731
+        _dq_kernel[grid](grad_o, q, k, v, o, den, kv0, z0, cu_seqlens, dq, dd, T, H, K, V, scale,
+                         HAS_STATE=kv0 is not None, BV=pow2(V), **opts)
         _dkv_kernel[(n_v, N * H)](grad_o, q, k, v, den, dd, grad_kv, grad_z, cu_seqlens, dk, dv, dkv0, dz0,
                                   B * H * T * K, T, H, K, V, scale, HAS_GKV=grad_kv is not None,
                                   HAS_GZ=grad_z is not None, BK=pow2(K), BV=BV, **opts)
