@@ -31,7 +31,7 @@ def _scale_kernel(x, xb, alphas, out, D, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _accumulate_kernel(g, x, xb, w, acc, attr, partial, S, B, D, n_tiles, MULTIPLY: tl.constexpr,
+def _accumulate_kernel(g, x, xb, w, acc, attr, partial, S, step, D, n_tiles, MULTIPLY: tl.constexpr,
                        HAS_ACC: tl.constexpr, BLOCK: tl.constexpr):
     # total = acc + sum_s w_s g[s*B + b] over one tile of example b; attr = total (x - x') or total; the tile's sum
     # goes to partial[b, tile] so that the per-example sums are reduced in a fixed order.
@@ -44,10 +44,12 @@ def _accumulate_kernel(g, x, xb, w, acc, attr, partial, S, B, D, n_tiles, MULTIP
         total = tl.load(acc + base, mask=m, other=0.0)
     else:
         total = tl.zeros([BLOCK], dtype=attr.dtype.element_ty)
-    step = B * D
+    # step = B * D elements between consecutive steps; walking by pointer increments keeps 64-bit addresses.
+    gp = g + base
     for s in range(0, S):
         ws = tl.load(w + s)
-        total += ws * tl.load(g + s * step + base, mask=m, other=0.0).to(ws.dtype)
+        total += ws * tl.load(gp, mask=m, other=0.0).to(ws.dtype)
+        gp += step
     if MULTIPLY:
         diff = tl.load(x + base, mask=m, other=0.0).to(total.dtype) - tl.load(xb + base, mask=m, other=0.0).to(
             total.dtype)
@@ -89,7 +91,7 @@ def ig_accumulate_triton(grads: torch.Tensor, inputs: torch.Tensor, baselines: t
     partial = inputs.new_empty(B, n_tiles, dtype=dt)
     w = weights.to(dt).contiguous()
     with device_of(inputs):
-        _accumulate_kernel[(n_tiles, B)](grads, inputs, baselines, w, acc, attr, partial, w.shape[0], B, D, n_tiles,
+        _accumulate_kernel[(n_tiles, B)](grads, inputs, baselines, w, acc, attr, partial, w.shape[0], B * D, D, n_tiles,
                                          MULTIPLY=multiply_by_inputs, HAS_ACC=acc is not None, BLOCK=BLOCK)
     return attr, partial.sum(1)
 
