@@ -4,7 +4,6 @@ Each op registers its backends with `register(op, Backend(...))`. A backend decl
 serves and answers `why_not(call)`; `select(op, call, backend)` returns the backend that serves a call or raises
 BackendUnavailable with the reason.
 """
-import functools
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -32,13 +31,20 @@ def triton_interpret():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
-def triton_import_error():
+def _triton_import():
     try:
         import triton  # noqa: F401
     except ImportError as exc:
         return f"triton is not installed ({exc})"
     return None
+
+
+# Decided once at import, so that torch.compile traces no import.
+TRITON_IMPORT_ERROR = _triton_import()
+
+
+def triton_import_error():
+    return TRITON_IMPORT_ERROR
 
 
 def _cpp_available():

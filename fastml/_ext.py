@@ -1,11 +1,13 @@
-"""Loads the compiled extension fastml._C once. If it is missing, the cpp and cuda backends say why."""
-import functools
+"""Loads the compiled extension fastml._C once, at import. If it is missing, the cpp and cuda backends say why.
+
+The outcome is kept in module constants, not computed per call, so that torch.compile traces nothing here.
+"""
 import importlib
 
+import torch
 
-@functools.lru_cache(maxsize=None)
-def load_error():
-    """None if fastml._C is loaded (its ops registered in torch.ops.fastml), else the reason it is not."""
+
+def _load():
     try:
         importlib.import_module("fastml._C")  # importing registers the ops
     except ImportError as exc:
@@ -13,11 +15,16 @@ def load_error():
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def has_cuda_ops():
-    """True when fastml._C was built with the CUDA kernels."""
-    if load_error() is not None:
-        return False
-    import torch
+LOAD_ERROR = _load()
+# True when fastml._C was built with the CUDA kernels (a dispatch-table look-up; no device is queried).
+HAS_CUDA_OPS = LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "fastml::linear_attention_fwd", "CUDA")
 
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fastml::linear_attention_fwd", "CUDA")
+
+def load_error():
+    """None if fastml._C is loaded (its ops registered in torch.ops.fastml), else the reason it is not."""
+    return LOAD_ERROR
+
+
+def has_cuda_ops():
+    return HAS_CUDA_OPS

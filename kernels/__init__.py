@@ -4,4 +4,4 @@ backend reports why it is unavailable."""
 from fastml._backend import triton_import_error
 
 if triton_import_error() is None:
-    from fastml.kernels import linear_attention  # noqa: F401
+    from fastml.kernels import integrated_gradients, linear_attention  # noqa: F401

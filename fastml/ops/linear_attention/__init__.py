@@ -200,6 +200,8 @@ def _head_dims_up_to_256(call):
 
 
 def _triton_supports(call):
+    if call.dtype == torch.float64:
+        return "the triton kernels compute in float32; float64 inputs are served by the cpp/cuda/reference backends"
     reason = _head_dims_up_to_256(call)
     if reason is not None:
         return reason

@@ -1,0 +1,113 @@
+"""Pieces shared by the Triton kernels: interpreter-aware autotuning, device guard, feature maps."""
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from fastml._backend import triton_interpret
+
+
+def autotune(configs, key, prune=None):
+    """triton.autotune over `configs` (`prune(configs, named_args)` drops those unfit for a call); under
+    TRITON_INTERPRET=1 only the first one, since the interpreter cannot benchmark several configs (no driver)."""
+    if triton_interpret():
+        return triton.autotune(configs=configs[:1], key=key)
+    return triton.autotune(configs=configs, key=key,
+                           prune_configs_by=None if prune is None else {"early_config_prune": prune})
+
+
+def device_of(t):
+    """Launch on t's GPU (Triton launches on the current device); nothing to do for CPU tensors."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def dot_types(dtype):
+    """(operand dtype, input precision) of tl.dot for inputs of `dtype`, accumulating in float32.
+
+    bfloat16 keeps bfloat16 operands (float32's range, so scaled values such as do / den stay representable).
+    float16 operands would underflow there (den grows with T), so float16 inputs multiply float32 operands in TF32,
+    which has float16's mantissa and float32's range. float32 inputs multiply in full IEEE float32.
+    """
+    if dtype == torch.bfloat16:
+        return tl.bfloat16, "ieee"
+    if dtype == torch.float16:
+        return tl.float32, "tf32"
+    return tl.float32, "ieee"
+
+
+def pow2(n, lo=16):
+    return max(lo, triton.next_power_of_2(n))
+
+
+@triton.jit
+def feature_map(x, FMAP: tl.constexpr):
+    """phi(x): 0 identity, 1 elu+1, 2 relu."""
+    if FMAP == 1:
+        x = tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
+    elif FMAP == 2:
+        x = tl.maximum(x, 0.0)
+    return x
+
+
+@triton.jit
+def feature_map_grad(g, x, FMAP: tl.constexpr):
+    """g * phi'(x)."""
+    if FMAP == 1:
+        g = g * tl.where(x > 0, 1.0, tl.exp(tl.minimum(x, 0.0)))
+    elif FMAP == 2:
+        g = tl.where(x > 0, g, 0.0)
+    return g
+
+
+@triton.jit
+def segment(cu_ptr, i_n, T, VARLEN: tl.constexpr):
+    """(batch row, first token, end token) of sequence i_n: a packed segment of cu_seqlens, or batch entry i_n."""
+    if VARLEN:
+        b = 0
+        bos = tl.load(cu_ptr + i_n).to(tl.int64)
+        eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    else:
+        b = i_n
+        bos = 0
+        eos = T
+    return b, bos, eos
+
+
+@triton.jit
+def load_tile(ptr, tok, cols, mt, W: tl.constexpr, BW: tl.constexpr):
+    """Rows `tok` (int64 token indices, read where mt, else 0) and columns `cols` of a row-major [*, W] tensor.
+    The column mask is compiled in only when W does not fill the tiles."""
+    if W % BW == 0:
+        x = tl.load(ptr + tok[:, None] * W + cols[None, :], mask=mt[:, None], other=0.0)
+    else:
+        x = tl.load(ptr + tok[:, None] * W + cols[None, :], mask=mt[:, None] & (cols < W)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def store_tile(ptr, x, tok, cols, mt, W: tl.constexpr, BW: tl.constexpr):
+    if W % BW == 0:
+        tl.store(ptr + tok[:, None] * W + cols[None, :], x.to(ptr.dtype.element_ty), mask=mt[:, None])
+    else:
+        tl.store(ptr + tok[:, None] * W + cols[None, :], x.to(ptr.dtype.element_ty),
+                 mask=mt[:, None] & (cols < W)[None, :])
+
+
+@triton.jit
+def features(x, cols, FMAP: tl.constexpr, W: tl.constexpr, BW: tl.constexpr):
+    """phi(x) in float32 for a tile read by load_tile. Padded columns stay zero (elu+1 maps the zeros read there to
+    1, so it needs the mask; identity and relu keep 0). Padded rows are left as they are: every product that meets
+    them also meets a zero row of v or do, except the key sums, which use masked_colsum."""
+    f = feature_map(x.to(tl.float32), FMAP)
+    if FMAP == 1 and W % BW != 0:
+        f = tl.where((cols < W)[None, :], f, 0.0)
+    return f
+
+
+@triton.jit
+def masked_colsum(f, mt, FMAP: tl.constexpr):
+    """Sum over the rows of a `features` tile, leaving out padded rows (non-zero only under elu+1)."""
+    if FMAP == 1:
+        f = tl.where(mt[:, None], f, 0.0)
+    return tl.sum(f, 0)
