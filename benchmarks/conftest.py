@@ -17,6 +17,7 @@ def pytest_addoption(parser):
 @pytest.fixture(scope="session")
 def device(request):
     dev = request.config.getoption("--device")
+    RESULTS.device = dev
     if dev == "cuda":
         import torch
 

@@ -91,9 +91,11 @@ class Results:
     def __init__(self):
         self.rows = {}
         self.machine = {}
+        self.device = "cpu"
 
     def add(self, op, row):
         self.rows.setdefault(op, []).append(row)
+        self.save()  # after every row, so a run cut short keeps what it measured
 
     def markdown(self):
         lines = []
@@ -115,7 +117,7 @@ class Results:
         if not self.rows:
             return None
         os.makedirs(RESULTS_DIR, exist_ok=True)
-        stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}"
+        stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}-{self.device}"
         path = os.path.join(RESULTS_DIR, stem)
         with open(path + ".json", "w") as f:
             json.dump({"machine": self.machine, "tables": self.rows}, f, indent=1)

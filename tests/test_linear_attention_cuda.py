@@ -140,8 +140,8 @@ def test_opcheck_cuda_step():
     torch.library.opcheck(torch.ops.fastml.linear_attention_step, args)
 
 
-def test_cuda_rejects_large_head_dim():
+def test_cuda_backend_refuses_large_head_dim():
     q = torch.zeros(1, 1, 4, 300, device="cuda")
     v = torch.zeros(1, 1, 4, 8, device="cuda")
-    with pytest.raises(RuntimeError, match="at most 256"):
-        torch.ops.fastml.linear_attention_fwd(q, q, v, None, None, None, 0, False, 1e-6, 1.0)
+    with pytest.raises(fastml.BackendUnavailable, match="up to 256"):
+        fastml.causal_linear_attention(q, q, v, backend="cuda")
