@@ -75,9 +75,9 @@ def test_step_matches_causal(dtype, fmap, normalize):
         o, st = fastml.linear_attention_step(q[:, :, t], k[:, :, t], v[:, :, t], st, **opts)
         assert o.dtype == dtype
         assert_close(o, o_all[:, :, t], dtype=dtype, name=f"step {t} o")
-    assert_close(st.kv, final.kv, name="kv")
-    assert_close(st.z, final.z, name="z")
-
+    # The chunked kernel feeds bf16-rounded features k' to the tensor cores; the step kernel keeps them in fp32.
+    assert_close(st.kv, final.kv, dtype=BF16, name="kv")
+    assert_close(st.z, final.z, dtype=BF16, name="z")
 
 @interp
 def test_opcheck_fwd():
