@@ -4,15 +4,9 @@ Per n_steps in {16, 50, 256}: wall time (median), peak memory (VmHWM of a fresh 
 minus the process's VmHWM after set-up) and the completeness error |sum(attr) - (F(x) - F(x'))| / |F(x) - F(x')|.
 Adaptive mode: rows through the model (delta evaluations included) to reach rtol 1e-3 and 1e-6 on the MLP, against
 Captum's default call and the smallest fixed n_steps of Gauss-Legendre that reaches the same error.
-Writes benchmarks/results/<date>-<host>-ig.{json,md}. Nothing here asserts a speed.
+Rows go to the suite's tables (benchmarks/results/). Nothing here asserts a speed.
 """
-import datetime
-import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
 
 import pytest
@@ -21,9 +15,9 @@ import torch
 captum_attr = pytest.importorskip("captum.attr")
 import fastml  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from runner import peak_memory_mb  # noqa: E402
+
 STEPS = (16, 50, 256)
-ROWS = []  # one dict per measurement, written at the end of the module
 
 MODELS = """
 import torch
@@ -51,30 +45,9 @@ namespace = {}
 exec(MODELS, namespace)  # the same definitions serve this process and the memory subprocesses
 build, call = namespace["build"], namespace["call"]
 
-PEAK_SCRIPT = MODELS + """
-import sys
-def hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) / 1024
-import captum.attr  # noqa: F401  (both libraries are loaded before the baseline reading)
-import fastml  # noqa: F401
-model, x = build(sys.argv[1], sys.argv[4])
-before = hwm()
-call(sys.argv[2], model, x, int(sys.argv[3]))
-print(hwm() - before)
-"""
-
-
-def _device(request):
-    return request.config.getoption("--device", default="cpu")
-
-
 def _peak_mb(kind, lib, n_steps, device):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, kind, lib, str(n_steps), device], env=env,
-                         capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    setup = MODELS + f"import captum.attr\nmodel, x = build({kind!r}, {device!r})\n"
+    return peak_memory_mb(setup, f"call({lib!r}, model, x, {n_steps})")
 
 
 def _median_s(fn, rounds):
@@ -95,8 +68,7 @@ def _completeness(model, x, attr):
 
 @pytest.mark.parametrize("kind", ["cnn", "mlp"])
 @pytest.mark.parametrize("n_steps", STEPS)
-def test_ig_against_captum(benchmark, request, kind, n_steps):
-    device = _device(request)
+def test_ig_against_captum(benchmark, device, results, kind, n_steps):
     model, x = build(kind, device)
     row = {"model": kind, "n_steps": n_steps}
     rounds = 3 if n_steps <= 50 else 1
@@ -112,7 +84,7 @@ def test_ig_against_captum(benchmark, request, kind, n_steps):
         row[f"{lib} rel. error"] = _completeness(model, x, call(lib, model, x, n_steps))
     row["speed-up"] = row["captum ms"] / row["fastml ms"]
     row["memory ratio"] = row["fastml peak MB"] / max(row["captum peak MB"], 1e-9)
-    ROWS.append(row)
+    results.add(f"integrated_gradients vs Captum ({device})", row)
 
 
 class RowCounter:
@@ -125,8 +97,7 @@ class RowCounter:
 
 
 @pytest.mark.parametrize("rtol", [1e-3, 1e-6])
-def test_adaptive_model_evaluations(benchmark, request, rtol):
-    device = _device(request)
+def test_adaptive_model_evaluations(benchmark, device, results, rtol):
     model, x = build("mlp", device)
     counter = RowCounter(model)
     _, delta = benchmark.pedantic(
@@ -138,37 +109,7 @@ def test_adaptive_model_evaluations(benchmark, request, rtol):
     captum_err = _completeness(model, x, captum_attr.IntegratedGradients(model).attribute(x, target=3))
     fixed = next(n for n in range(1, 513)
                  if _completeness(model, x, fastml.integrated_gradients(model, x, target=3, n_steps=n)) <= err)
-    ROWS.append({"model": "mlp adaptive", "rtol": rtol, "adaptive rows": counter.rows, "adaptive rel. error": err,
+    results.add("integrated_gradients adaptive mode, model rows (float64 GELU MLP)",
+                {"rtol": rtol, "adaptive rows": counter.rows, "adaptive rel. error": err,
                  "captum default rows": 50 * len(x), "captum default rel. error": captum_err,
                  "fixed n_steps for same error": fixed, "fixed rows (with delta)": (fixed + 2) * len(x)})
-
-
-def _markdown():
-    lines = []
-    for keys in ({"captum ms"}, {"adaptive rows"}):
-        rows = [r for r in ROWS if keys <= r.keys()]
-        if not rows:
-            continue
-        cols = list(rows[0])
-        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        for r in rows:
-            lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols)
-                         + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _write_results():
-    yield
-    if not ROWS:
-        return
-    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-    stem = os.path.join(ROOT, "benchmarks", "results",
-                        f"{datetime.date.today().isoformat()}-{socket.gethostname()}-ig")
-    text = "# Integrated gradients: fastml vs Captum\n\n" + _markdown()
-    with open(stem + ".json", "w") as f:
-        json.dump({"threads": torch.get_num_threads(), "rows": ROWS}, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(text)
-    sys.stdout.write("\n" + text + f"\nSaved {stem}.json and {stem}.md\n")

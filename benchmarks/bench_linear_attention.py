@@ -132,9 +132,9 @@ def _peak_mb(B, H, T, K, V, backend, kind):
     from runner import peak_memory_mb
 
     setup = (f"q, k, v = (torch.randn({B}, {H}, {T}, d) for d in ({K}, {K}, {V}))\n"
-             f"        leaves = [t.requires_grad_({kind == 'fwd+bwd'}) for t in (q, k, v)]")
+             f"leaves = [t.requires_grad_({kind == 'fwd+bwd'}) for t in (q, k, v)]")
     call = (f"o = fastml.causal_linear_attention(*leaves, normalize=False, backend={backend!r})\n"
-            f"        o.sum().backward() if o.requires_grad else None")
+            f"o.sum().backward() if o.requires_grad else None")
     return peak_memory_mb(setup, call)
 
 

@@ -64,24 +64,23 @@ def cuda_peaks():
     return tflops, gbps
 
 
-def peak_memory_mb(setup, call):
+HWM_SNIPPET = """
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+"""
+
+
+def peak_memory_mb(setup, call, env=None):
     """How much one call raises the peak resident memory (VmHWM) of a fresh Python process, in MB.
 
-    `setup` builds the inputs; `call` is the statement measured. ru_maxrss is inherited across fork/exec, so the
-    child reads its own /proc/self/status before and after."""
-    script = textwrap.dedent(f"""
-        import torch, fastml
-        def hwm():
-            for line in open('/proc/self/status'):
-                if line.startswith('VmHWM:'):
-                    return int(line.split()[1]) / 1024
-        {setup}
-        before = hwm()
-        {call}
-        print(hwm() - before)
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    `setup` (statements) builds the inputs; `call` (statements) is what is measured. ru_maxrss is inherited
+    across fork/exec, so the child reads its own /proc/self/status before and after."""
+    script = "\n".join(["import torch", "import fastml", HWM_SNIPPET, textwrap.dedent(setup), "before = hwm()",
+                        textwrap.dedent(call), "print(hwm() - before)"])
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **(env or {})}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
 
 
