@@ -78,20 +78,9 @@ def integrated_gradients(forward_func, inputs, baselines=None, target=None, *, a
     return (out, delta) if return_convergence_delta else out
 
 
-class IntegratedGradients:
+class IntegratedGradients(_args.CaptumAttribution):
     """Drop-in for captum.attr.IntegratedGradients: the same constructor and `attribute` with Captum's positional
     order; fastml's keyword options (rtol, atol, max_steps, progress, backend) may follow."""
-
-    def __init__(self, forward_func, multiply_by_inputs=True):
-        self.forward_func = forward_func
-        self._multiply_by_inputs = multiply_by_inputs
-
-    @property
-    def multiplies_by_inputs(self):
-        return self._multiply_by_inputs
-
-    def has_convergence_delta(self):
-        return True
 
     def attribute(self, inputs, baselines=None, target=None, additional_forward_args=None, n_steps=50,
                   method="gausslegendre", internal_batch_size=None, return_convergence_delta=False,

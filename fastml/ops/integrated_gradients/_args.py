@@ -6,6 +6,8 @@ import numbers
 
 import torch
 
+from fastml.ops.integrated_gradients._validate import check_broadcast
+
 
 def as_tuple(inputs, name="inputs"):
     """(tuple of tensors, whether the caller passed a tuple)."""
@@ -47,15 +49,7 @@ def format_baselines(baselines, inputs):
             continue
         if not isinstance(b, torch.Tensor):
             raise TypeError(f"baselines[{i}] must be a number or a tensor, got {type(b).__name__}")
-        if b.device != x.device:
-            raise ValueError(f"baselines[{i}] is on {b.device} but inputs[{i}] is on {x.device}")
-        try:
-            shape = torch.broadcast_shapes(b.shape, x.shape)
-        except RuntimeError:
-            shape = None
-        if shape != x.shape:
-            raise ValueError(f"baselines[{i}] of shape {list(b.shape)} does not broadcast to inputs[{i}] of shape "
-                             f"{list(x.shape)}")
+        check_broadcast(b, x, f"baselines[{i}]", f"inputs[{i}]")
         out.append(b.to(x.dtype).expand(x.shape))
     return tuple(out)
 
@@ -167,3 +161,18 @@ def select(output, target):
         raise ValueError("target is needed: forward_func must give one scalar per example after target selection, "
                          f"got output shape {list(output.shape)}")
     return selected
+
+
+class CaptumAttribution:
+    """What Captum's attribution classes share: the model, `multiplies_by_inputs` and `has_convergence_delta`."""
+
+    def __init__(self, forward_func, multiply_by_inputs=True):
+        self.forward_func = forward_func
+        self._multiply_by_inputs = multiply_by_inputs
+
+    @property
+    def multiplies_by_inputs(self):
+        return self._multiply_by_inputs
+
+    def has_convergence_delta(self):
+        return True

@@ -1,6 +1,8 @@
 """Checks of the options shared by integrated_gradients and LayerIntegratedGradients (before any work)."""
 import numbers
 
+import torch
+
 from fastml import _backend
 from fastml.ops.integrated_gradients import quadrature
 
@@ -21,3 +23,16 @@ def check_options(*, n_steps, method, internal_batch_size, rtol, atol, max_steps
             raise ValueError(f"max_steps must be an integer >= n_steps ({n_steps}), got {max_steps!r}")
     if not isinstance(backend, str) or backend not in _backend.BACKEND_NAMES + ("auto",):
         raise ValueError(f"backend must be 'auto' or one of {_backend.BACKEND_NAMES}, got {backend!r}")
+
+
+def check_broadcast(baseline, x, bname, xname):
+    """A baseline must sit on x's device and broadcast to x's shape exactly (x's shape unchanged)."""
+    if baseline.device != x.device:
+        raise ValueError(f"{bname} is on {baseline.device} but {xname} is on {x.device}")
+    try:
+        shape = torch.broadcast_shapes(baseline.shape, x.shape)
+    except RuntimeError:
+        shape = None
+    if shape != x.shape:
+        raise ValueError(f"{bname} of shape {list(baseline.shape)} does not broadcast to {xname} of shape "
+                         f"{list(x.shape)}")

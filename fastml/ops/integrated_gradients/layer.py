@@ -88,7 +88,7 @@ class LayerProblem:
             return self._evaluate(self.model_inputs), self._evaluate(self.model_baselines)
 
 
-class LayerIntegratedGradients:
+class LayerIntegratedGradients(_args.CaptumAttribution):
     """Drop-in for captum.attr.LayerIntegratedGradients with one layer (an nn.Module): the same constructor and
     `attribute` with Captum's positional order; fastml's keyword options (rtol, atol, max_steps, progress,
     backend) may follow. device_ids is accepted for compatibility; the model runs where its inputs are."""
@@ -96,17 +96,9 @@ class LayerIntegratedGradients:
     def __init__(self, forward_func, layer, device_ids=None, multiply_by_inputs=True):
         if not isinstance(layer, nn.Module):
             raise TypeError(f"layer must be one torch.nn.Module, got {type(layer).__name__}")
-        self.forward_func = forward_func
+        super().__init__(forward_func, multiply_by_inputs)
         self.layer = layer
         self.device_ids = device_ids
-        self._multiply_by_inputs = multiply_by_inputs
-
-    @property
-    def multiplies_by_inputs(self):
-        return self._multiply_by_inputs
-
-    def has_convergence_delta(self):
-        return True
 
     def attribute(self, inputs, baselines=None, target=None, additional_forward_args=None, n_steps=50,
                   method="gausslegendre", internal_batch_size=None, return_convergence_delta=False,

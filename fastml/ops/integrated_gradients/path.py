@@ -8,6 +8,7 @@ import torch
 
 from fastml import _backend
 from fastml.ops.integrated_gradients import reference
+from fastml.ops.integrated_gradients._validate import check_broadcast
 
 SCALE_OP = "ig_scale_inputs"
 ACCUMULATE_OP = "ig_accumulate"
@@ -49,17 +50,9 @@ def _check_pair(inputs, baselines):
     _check_tensor(baselines, "baselines")
     if inputs.dim() < 1:
         raise ValueError("inputs must have a batch dimension, got a 0-d tensor")
-    if baselines.device != inputs.device:
-        raise ValueError(f"baselines are on {baselines.device} but inputs are on {inputs.device}")
+    check_broadcast(baselines, inputs, "baselines", "inputs")
     if baselines.dtype != inputs.dtype:
         raise TypeError(f"baselines must have the dtype of inputs ({inputs.dtype}), got {baselines.dtype}")
-    try:
-        shape = torch.broadcast_shapes(baselines.shape, inputs.shape)
-    except RuntimeError:
-        shape = None
-    if shape != inputs.shape:
-        raise ValueError(f"baselines of shape {list(baselines.shape)} do not broadcast to inputs of shape "
-                         f"{list(inputs.shape)}")
     return baselines.expand(inputs.shape)
 
 
