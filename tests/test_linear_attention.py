@@ -212,3 +212,11 @@ def test_state_dtype_is_float32_for_half_inputs():
     o, fs = fastml.causal_linear_attention(q, k, v, feature_map="elu+1", output_final_state=True)
     assert o.dtype == torch.bfloat16 and fs.kv.dtype == torch.float32 and fs.z.dtype == torch.float32
     assert reference.state_dtype(torch.float64) == torch.float64
+
+
+def test_double_backward_through_a_kernel_raises():
+    q, k, v, _ = make_inputs(1, 1, 8, 4, 4, torch.float64)
+    q.requires_grad_()
+    o = fastml.causal_linear_attention(q, k, v, feature_map="elu+1", backend="cpp")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(o.sum(), q, create_graph=True)

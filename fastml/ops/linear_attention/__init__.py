@@ -52,8 +52,10 @@ class _CausalFn(torch.autograd.Function):
         return o, kv, z
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, do, dkv, dz):
+        if torch.is_grad_enabled():
+            raise RuntimeError(f"double backward (create_graph=True) through the fastml {ctx.args[0]} linear-attention "
+                               "kernels is not supported; use backend='reference' for higher-order gradients")
         q, k, v, o, den, kv0, z0, cu_seqlens = ctx.saved_tensors
         name, feature_map, normalize, eps, scale = ctx.args
         if do is None:
