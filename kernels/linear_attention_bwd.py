@@ -18,7 +18,7 @@ from fastml.kernels.common import (autotune, device_of, dot_types, feature_map_g
                                    masked_colsum, pow2, segment, store_tile)
 
 # Measured by ptxas for sm_90 with the launcher's 16-byte alignment (bf16, K = V = 128): the dq configs build
-# without spills in both modes except 64 x 128 under normalization (400 bytes); the reverse-scan configs with
+# without spills in both modes except 64 x 128 under normalization (336 bytes); the reverse-scan configs with
 # 8 warps and 64-wide tiles none (161 registers, 220 normalized), 4 warps or 128-wide tiles only under
 # normalization (120-208 bytes). The first config of each list is the interpreter's.
 def _dq_configs():
@@ -75,6 +75,7 @@ def _dq_kernel(do, q, k, v, o, den, kv0, z0, cu, dq, dd, T, H, K: tl.constexpr, 
         tok = row0 + rows
         kf = features(load_tile(k, tok, ok, mt, K, BK), ok, FMAP, K, BK)
         kd = kf.to(DT)
+        zs_next = zs + masked_colsum(kf, mt, FMAP)  # now, not at the end: kf would hold registers till then
         vb = load_tile(v, tok, ov, mt, V, BV).to(DT)
         dn = load_tile(do, tok, ov, mt, V, BV).to(tl.float32)
         if NORMALIZE:
@@ -96,7 +97,7 @@ def _dq_kernel(do, q, k, v, o, den, kv0, z0, cu, dq, dd, T, H, K: tl.constexpr, 
         g = feature_map_grad(g * scale, load_tile(q, tok, ok, mt, K, BK).to(tl.float32), FMAP)
         store_tile(dq, g, tok, ok, mt, K, BK)
         S = tl.dot(tl.trans(kd), vb, acc=S, input_precision=PREC)
-        zs += masked_colsum(kf, mt, FMAP)
+        zs = zs_next
 
 
 @triton.jit
