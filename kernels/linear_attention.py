@@ -19,23 +19,17 @@ from fastml.ops.linear_attention import fake_bwd, fake_fwd
 
 
 def _fwd_configs():
-    # ptxas for sm_90 with the launcher's 16-byte alignment (bf16, K = V = 128; without alignment the loads are not
-    # pipelined): 8 warps on 64 x 64 tiles build without spills in both modes (218-251 registers, one program per
-    # SM); 4 warps fit two programs per SM (64 x 32: no spill without normalization, 64 bytes with it; 64 x 64:
-    # 16 and 256 bytes); 64 x 128 reads q and k once for 48-80 bytes. Past K = 128 float32 tiles of 64 tokens
-    # outgrow shared memory (227 KiB) in every config but the 32-token one. The first config is the interpreter's.
+    # 8 warps with 64 x 64 tiles is the one Hopper build without register spills (ptxas for sm_90); wider value
+    # tiles read q and k fewer times. The first config is the interpreter's.
     return [triton.Config({"BT": bt, "BV": bv}, num_warps=w, num_stages=s)
-            for bt, bv, w, s in ((64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 3), (64, 128, 8, 2),
-                                 (32, 64, 8, 2))]
+            for bt, bv, w, s in ((64, 64, 8, 2), (64, 128, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2), (32, 64, 4, 2))]
 
 
 def _prune_fwd(configs, named_args, **kwargs):
-    # 4 warps for key tiles up to 128, 32-token chunks past them; BV never wider than V needs.
+    # Large chunks only pay for small head dims; BV never wider than V needs.
     args = {**named_args, **kwargs}
     BK, V = args["BK"], args["V"]
-    small = BK <= 128
-    kept = [c for c in configs if (c.num_warps == 8 or small) and (c.kwargs["BT"] == 64 or not small)
-            and c.kwargs["BV"] <= pow2(V)]
+    kept = [c for c in configs if (c.kwargs["BT"] <= 64 or BK <= 128) and c.kwargs["BV"] <= pow2(V)]
     return kept or configs[:1]
 
 
@@ -75,20 +69,18 @@ def _fwd_kernel(q, k, v, kv0, z0, cu, o, kv, z, den, T, H, K: tl.constexpr, V: t
         qd = qf.to(DT)
         kd = kf.to(DT)
         d = tl.sum(qf * zs[None, :], 1) + eps
-        # The chunk's key sum now, while kf is at hand in float32 (kept to the end, it costs registers).
-        zs_next = zs + masked_colsum(kf, mt, FMAP)
         a = tl.dot(qd, tl.trans(kd), input_precision=PREC)
         a = tl.where(causal, a, 0.0)
         d += tl.sum(a, 1)
         ob = tl.dot(a.to(DT), vb, input_precision=PREC)
         ob = tl.dot(qd, S.to(DT), acc=ob, input_precision=PREC)
         if NORMALIZE:
-            ob *= (1.0 / d)[:, None]
+            ob = ob / d[:, None]
         store_tile(o, ob, tok, ov, mt, V, BV)
         if i_v == 0:
             tl.store(den + tok, d, mask=mt)
         S = tl.dot(tl.trans(kd), vb, acc=S, input_precision=PREC)
-        zs = zs_next
+        zs += masked_colsum(kf, mt, FMAP)
     tl.store(kv + s_off, S, mask=m_kv)
     if i_v == 0:
         tl.store(z + i_nh.to(tl.int64) * K + ok, zs, mask=mk)
