@@ -71,7 +71,7 @@ def _completeness(model, x, attr):
 def test_ig_against_captum(benchmark, device, results, kind, n_steps):
     model, x = build(kind, device)
     row = {"model": kind, "n_steps": n_steps}
-    rounds = 3 if n_steps <= 50 else 1
+    rounds = 5 if n_steps <= 50 else 1
     # Alternate the two libraries so that both see the same machine load.
     t = {"captum": [], "fastml": []}
     for _ in range(rounds):
