@@ -1,6 +1,6 @@
 """Backend registry and selection (ARCHITECTURE.md, "Backend selection").
 
-Each op registers its backends with `register(op, Backend(...))`. A backend declares the devices and dtypes it
+Each op registers its backends with `register(op, Backend(name, ...))` and maps the chosen name to its torch ops. A backend declares the devices and dtypes it
 serves and answers `why_not(call)`; `select(op, call, backend)` returns the backend that serves a call or raises
 BackendUnavailable with the reason.
 """
@@ -88,7 +88,6 @@ class Backend:
     """One implementation of an op. `supports(call)` returns a reason it cannot serve the call, or None."""
 
     name: str
-    impl: object
     dtypes: tuple = ALL_FLOATS
     devices: Optional[tuple] = None
     supports: Optional[Callable[[Call], Optional[str]]] = None

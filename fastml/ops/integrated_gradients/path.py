@@ -28,10 +28,10 @@ def _cuda_registered(call):
 
 def _register():
     for op in (SCALE_OP, ACCUMULATE_OP):
-        _backend.register(op, _backend.Backend("reference", impl=None))
-        _backend.register(op, _backend.Backend("cpp", impl=None))
-        _backend.register(op, _backend.Backend("cuda", impl=None, supports=_cuda_registered))
-        _backend.register(op, _backend.Backend("triton", impl=None, supports=_triton_registered))
+        _backend.register(op, _backend.Backend("reference"))
+        _backend.register(op, _backend.Backend("cpp"))
+        _backend.register(op, _backend.Backend("cuda", supports=_cuda_registered))
+        _backend.register(op, _backend.Backend("triton", supports=_triton_registered))
 
 
 _register()

@@ -189,10 +189,10 @@ def linear_attention(q, k, v, *, feature_map=None, normalize=True, eps=1e-6, sca
 
 def _register():
     for op in (OP, STEP_OP, NONCAUSAL_OP):
-        _backend.register(op, _backend.Backend("reference", impl=None))
-        _backend.register(op, _backend.Backend("cpp", impl=None))
-        _backend.register(op, _backend.Backend("cuda", impl=None, supports=_head_dims_up_to_256))
-        _backend.register(op, _backend.Backend("triton", impl=None, supports=_triton_supports))
+        _backend.register(op, _backend.Backend("reference"))
+        _backend.register(op, _backend.Backend("cpp"))
+        _backend.register(op, _backend.Backend("cuda", supports=_head_dims_up_to_256))
+        _backend.register(op, _backend.Backend("triton", supports=_triton_supports))
 
 
 def _head_dims_up_to_256(call):
