@@ -67,8 +67,10 @@ def ig_scale_inputs_triton(inputs: torch.Tensor, baselines: torch.Tensor, alphas
     if S == 0 or D == 0:
         return out
     a = alphas.to(_acc_dtype(inputs.dtype)).contiguous()
+    # The kernel reads flat element offsets: strided views and broadcast baselines are copied once to dense.
+    x, xb = inputs.contiguous(), baselines.expand(inputs.shape).contiguous()
     with device_of(inputs):
-        _scale_kernel[(triton.cdiv(D, BLOCK), S)](inputs, baselines, a, out, D, BLOCK=BLOCK)
+        _scale_kernel[(triton.cdiv(D, BLOCK), S)](x, xb, a, out, D, BLOCK=BLOCK)
     return out
 
 
@@ -90,8 +92,11 @@ def ig_accumulate_triton(grads: torch.Tensor, inputs: torch.Tensor, baselines: t
     n_tiles = triton.cdiv(D, BLOCK)
     partial = inputs.new_empty(B, n_tiles, dtype=dt)
     w = weights.to(dt).contiguous()
+    # Flat element offsets, as in the scale kernel: dense copies of strided or broadcast operands.
+    g, x, xb = grads.contiguous(), inputs.contiguous(), baselines.expand(inputs.shape).contiguous()
+    a = None if acc is None else acc.contiguous()
     with device_of(inputs):
-        _accumulate_kernel[(n_tiles, B)](grads, inputs, baselines, w, acc, attr, partial, w.shape[0], B * D, D, n_tiles,
+        _accumulate_kernel[(n_tiles, B)](g, x, xb, w, a, attr, partial, w.shape[0], B * D, D, n_tiles,
                                          MULTIPLY=multiply_by_inputs, HAS_ACC=acc is not None, BLOCK=BLOCK)
     return attr, partial.sum(1)
 
