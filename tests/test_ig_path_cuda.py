@@ -9,7 +9,7 @@ from fastml.testing import assert_close
 pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-SHAPES = [(4, 3, 32, 32), (5, 7), (3,), (2, 1000, 13), (1, 4096)]
+SHAPES = [(4, 3, 32, 32), (5, 7), (3,), (2, 1000, 13), (1, 4096), (66000, 3)]  # B > 65535 blocks of a grid column
 
 
 def acc_dtype(dtype):

@@ -1,6 +1,6 @@
 // Integrated-gradients path kernels: the scaled inputs of every step, and the weighted sum of their gradients.
 // Both are memory-bound: each thread owns W consecutive elements (one 4W- to 8W-byte access when aligned), reads
-// the inputs once and walks the steps.
+// the inputs once and walks the steps; the accumulate also sums each example's attributions in the same pass.
 #include "common.cuh"
 #include "integrated_gradients.h"
 
@@ -39,35 +39,57 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// One block per (tile column, example): the block walks its share of example b's D elements, and its part of the
+// example's sum goes to partial[b * gridDim.x + blockIdx.x] (reduced in a fixed order by the caller), so the
+// per-example sums come out of the same pass over the gradients.
 template <class T, int W>
 __global__ void __launch_bounds__(kThreads)
     ig_accumulate_kernel(const T* grads, const T* x, const T* xb, const acc_t<T>* weights, const acc_t<T>* acc,
-                         bool multiply_by_inputs, acc_t<T>* attr, int64_t S, int64_t M) {
+                         bool multiply_by_inputs, acc_t<T>* attr, acc_t<T>* partial, int64_t S, int64_t B,
+                         int64_t D) {
   using A = acc_t<T>;
   using P = Pack<T, W>;
   using PA = Pack<A, W>;
-  const int64_t packs = M / W;
-  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < packs; p += int64_t(gridDim.x) * blockDim.x) {
-    PA total;
-    if (acc != nullptr) {
-      total = reinterpret_cast<const PA*>(acc)[p];
-    } else {
+  __shared__ A warp_sums[kThreads / 32];
+  const int64_t packs = D / W;  // D % W == 0, so a pack never crosses examples and stays W-aligned
+  const int64_t M = B * D;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const int64_t off = b * D;
+    A local = A(0);
+    for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < packs;
+         p += int64_t(gridDim.x) * blockDim.x) {
+      PA total;
+      if (acc != nullptr) {
+        total = reinterpret_cast<const PA*>(acc + off)[p];
+      } else {
 #pragma unroll
-      for (int i = 0; i < W; ++i) total.v[i] = A(0);
-    }
-    for (int64_t s = 0; s < S; ++s) {
-      const A w = weights[s];
-      const P g = reinterpret_cast<const P*>(grads + s * M)[p];
+        for (int i = 0; i < W; ++i) total.v[i] = A(0);
+      }
+      for (int64_t s = 0; s < S; ++s) {
+        const A w = weights[s];
+        const P g = reinterpret_cast<const P*>(grads + s * M + off)[p];
 #pragma unroll
-      for (int i = 0; i < W; ++i) total.v[i] += w * to_acc(g.v[i]);
-    }
-    if (multiply_by_inputs) {
-      const P a = reinterpret_cast<const P*>(x)[p];
-      const P b = reinterpret_cast<const P*>(xb)[p];
+        for (int i = 0; i < W; ++i) total.v[i] += w * to_acc(g.v[i]);
+      }
+      if (multiply_by_inputs) {
+        const P a = reinterpret_cast<const P*>(x + off)[p];
+        const P c = reinterpret_cast<const P*>(xb + off)[p];
 #pragma unroll
-      for (int i = 0; i < W; ++i) total.v[i] *= to_acc(a.v[i]) - to_acc(b.v[i]);
+        for (int i = 0; i < W; ++i) total.v[i] *= to_acc(a.v[i]) - to_acc(c.v[i]);
+      }
+      reinterpret_cast<PA*>(attr + off)[p] = total;
+#pragma unroll
+      for (int i = 0; i < W; ++i) local += total.v[i];
     }
-    reinterpret_cast<PA*>(attr)[p] = total;
+    local = warp_sum(local);
+    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = local;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      A v = threadIdx.x < kThreads / 32 ? warp_sums[threadIdx.x] : A(0);
+      v = warp_sum(v);
+      if (threadIdx.x == 0) partial[b * gridDim.x + blockIdx.x] = v;
+    }
+    __syncthreads();  // warp_sums is reused by the next example
   }
 }
 
@@ -101,25 +123,27 @@ cudaError_t scale_typed(const void* x, const void* xb, const void* alphas, void*
 
 template <class T>
 cudaError_t accumulate_typed(const void* grads, const void* x, const void* xb, const void* weights, const void* acc,
-                             bool multiply_by_inputs, void* attr, int64_t S, int64_t M, cudaStream_t stream) {
+                             bool multiply_by_inputs, void* attr, void* partial, int64_t S, int64_t B, int64_t D,
+                             cudaStream_t stream) {
   using A = acc_t<T>;
   constexpr int64_t vec = 4 * sizeof(T), vec_acc = 4 * sizeof(A);
-  const bool wide = M % 4 == 0 && aligned(grads, vec) && aligned(x, vec) && aligned(xb, vec) &&
+  if (B == 0 || D == 0) return cudaSuccess;
+  const bool wide = D % 4 == 0 && aligned(grads, vec) && aligned(x, vec) && aligned(xb, vec) &&
                     aligned(attr, vec_acc) && (acc == nullptr || aligned(acc, vec_acc));
-  const int64_t packs = wide ? M / 4 : M;
-  if (packs == 0) return cudaSuccess;
+  const dim3 grid(unsigned(ig_accumulate_tiles(D)), unsigned(B < 65535 ? B : 65535));
   const T* gt = static_cast<const T*>(grads);
   const T* xt = static_cast<const T*>(x);
   const T* bt = static_cast<const T*>(xb);
   const A* wt = static_cast<const A*>(weights);
   const A* ct = static_cast<const A*>(acc);
   A* rt = static_cast<A*>(attr);
+  A* pt = static_cast<A*>(partial);
   if (wide) {
     ig_accumulate_kernel<T, 4>
-        <<<grid_for(packs), kThreads, 0, stream>>>(gt, xt, bt, wt, ct, multiply_by_inputs, rt, S, M);
+        <<<grid, kThreads, 0, stream>>>(gt, xt, bt, wt, ct, multiply_by_inputs, rt, pt, S, B, D);
   } else {
     ig_accumulate_kernel<T, 1>
-        <<<grid_for(packs), kThreads, 0, stream>>>(gt, xt, bt, wt, ct, multiply_by_inputs, rt, S, M);
+        <<<grid, kThreads, 0, stream>>>(gt, xt, bt, wt, ct, multiply_by_inputs, rt, pt, S, B, D);
   }
   return cudaGetLastError();
 }
@@ -138,17 +162,18 @@ cudaError_t ig_scale_inputs(DType dtype, const void* x, const void* xb, const vo
 }
 
 cudaError_t ig_accumulate(DType dtype, const void* grads, const void* x, const void* xb, const void* weights,
-                          const void* acc, bool multiply_by_inputs, void* attr, int64_t S, int64_t M,
-                          cudaStream_t stream) {
+                          const void* acc, bool multiply_by_inputs, void* attr, void* partial, int64_t S, int64_t B,
+                          int64_t D, cudaStream_t stream) {
   switch (dtype) {
     case DType::f32:
-      return accumulate_typed<float>(grads, x, xb, weights, acc, multiply_by_inputs, attr, S, M, stream);
+      return accumulate_typed<float>(grads, x, xb, weights, acc, multiply_by_inputs, attr, partial, S, B, D, stream);
     case DType::f16:
-      return accumulate_typed<__half>(grads, x, xb, weights, acc, multiply_by_inputs, attr, S, M, stream);
+      return accumulate_typed<__half>(grads, x, xb, weights, acc, multiply_by_inputs, attr, partial, S, B, D, stream);
     case DType::bf16:
-      return accumulate_typed<__nv_bfloat16>(grads, x, xb, weights, acc, multiply_by_inputs, attr, S, M, stream);
+      return accumulate_typed<__nv_bfloat16>(grads, x, xb, weights, acc, multiply_by_inputs, attr, partial, S, B, D,
+                                             stream);
     case DType::f64:
-      return accumulate_typed<double>(grads, x, xb, weights, acc, multiply_by_inputs, attr, S, M, stream);
+      return accumulate_typed<double>(grads, x, xb, weights, acc, multiply_by_inputs, attr, partial, S, B, D, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -15,10 +15,19 @@ namespace fastml_cuda {
 cudaError_t ig_scale_inputs(DType dtype, const void* x, const void* xb, const void* alphas, void* out, int64_t S,
                             int64_t M, cudaStream_t stream);
 
-// attr[j] = (acc[j] + sum_s weights[s] * grads[s*M + j]) * (multiply_by_inputs ? x[j] - xb[j] : 1): grads, x, xb
-// in `dtype`; weights [S], acc (nullptr for zeros) and attr in the accumulation type.
+// attr[j] = (acc[j] + sum_s weights[s] * grads[s*M + j]) * (multiply_by_inputs ? x[j] - xb[j] : 1) with
+// M = B * D: grads, x, xb in `dtype`; weights [S], acc (nullptr for zeros) and attr in the accumulation type.
+// partial [B, ig_accumulate_tiles(D)] (accumulation type) receives each example's attribution sum in parts, in
+// the same pass; summing its rows gives the per-example sums.
 cudaError_t ig_accumulate(DType dtype, const void* grads, const void* x, const void* xb, const void* weights,
-                          const void* acc, bool multiply_by_inputs, void* attr, int64_t S, int64_t M,
-                          cudaStream_t stream);
+                          const void* acc, bool multiply_by_inputs, void* attr, void* partial, int64_t S, int64_t B,
+                          int64_t D, cudaStream_t stream);
+
+// Blocks per example of ig_accumulate (each walks its share of the D elements): enough to fill the GPU for small
+// batches, few enough that the partial sums stay small.
+inline int64_t ig_accumulate_tiles(int64_t D) {
+  const int64_t tiles = (D + 1023) / 1024;
+  return tiles < 1 ? 1 : tiles > 256 ? 256 : tiles;
+}
 
 }  // namespace fastml_cuda

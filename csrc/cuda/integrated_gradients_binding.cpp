@@ -83,7 +83,7 @@ std::tuple<Tensor, Tensor> ig_accumulate_cuda(const Tensor& grads, const Tensor&
   const c10::cuda::CUDAGuard guard(inputs.device());
   const auto ad = acc_dtype(grads);
   const Tensor w = step_vector(weights, "weights", inputs, ad);
-  const int64_t S = w.numel(), B = inputs.size(0), M = inputs.numel();
+  const int64_t S = w.numel(), B = inputs.size(0), D = B == 0 ? 0 : inputs.numel() / B;
   TORCH_CHECK(grads.dim() == inputs.dim() && grads.size(0) == S * B &&
                   grads.sizes().slice(1).equals(inputs.sizes().slice(1)),
               "fastml integrated gradients (CUDA): grads must have shape [S*B, ...] = [", S * B, ", ",
@@ -102,12 +102,14 @@ std::tuple<Tensor, Tensor> ig_accumulate_cuda(const Tensor& grads, const Tensor&
     a = acc->contiguous();
   }
   Tensor attr = at::empty(inputs.sizes(), inputs.options().dtype(ad));
+  if (B == 0 || D == 0) return {attr, at::zeros({B}, attr.options())};
+  // The kernel writes each example's sum in parts beside the attributions; their rows are summed in a fixed order.
+  Tensor partial = at::empty({B, fastml_cuda::ig_accumulate_tiles(D)}, attr.options());
   check_launch(fastml_cuda::ig_accumulate(dtype, g.data_ptr(), x.data_ptr(), xb.data_ptr(), w.data_ptr(),
                                           a.defined() ? a.data_ptr() : nullptr, multiply_by_inputs, attr.data_ptr(),
-                                          S, M, c10::cuda::getCurrentCUDAStream().stream()),
+                                          partial.data_ptr(), S, B, D, c10::cuda::getCurrentCUDAStream().stream()),
                "ig_accumulate");
-  Tensor sums = attr.dim() > 1 ? attr.flatten(1).sum(1) : attr.clone();
-  return {attr, sums};
+  return {attr, partial.sum(1)};
 }
 
 }  // namespace
