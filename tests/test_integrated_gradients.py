@@ -187,6 +187,24 @@ def test_adaptive_meets_rtol_and_drops_converged_examples():
     assert_close(a, reference, rtol=1e-6, atol=1e-9)
 
 
+def test_small_rules_are_chunked_too():
+    # Tiny inputs fit any chunk budget; the rule's steps still never go through the model all at once.
+    model, x = gelu_mlp(), torch.randn(2, 6, dtype=torch.float64)
+    counter = Counter(model)
+    got = fastml.integrated_gradients(counter, x, target=1, n_steps=16)
+    assert counter.rows == 32 and counter.calls >= 2
+    assert_close(got, fastml.integrated_gradients(model, x, target=1, n_steps=16, internal_batch_size=32),
+                 rtol=1e-12, atol=1e-14)
+
+
+def test_atol_alone_turns_on_adaptive_mode():
+    model, x = gelu_mlp(), torch.randn(4, 6, dtype=torch.float64)
+    counter = Counter(model)
+    _, delta = fastml.integrated_gradients(counter, x, target=0, n_steps=2, atol=1e-9, return_convergence_delta=True)
+    assert (delta.abs() <= 1e-9).all()
+    assert counter.rows > 2 * 4 + 2 * 4  # refined beyond the first two-node rule
+
+
 def test_adaptive_warns_naming_the_examples():
     model, x = gelu_mlp(), torch.randn(3, 6, dtype=torch.float64) * 3
     with pytest.warns(UserWarning, match=r"examples \[0, 1, 2\]"):
@@ -206,6 +224,20 @@ class TextModel(nn.Module):
         if mask is not None:
             h = h * mask.unsqueeze(-1)
         return self.head(h.mean(1))
+
+
+def test_layer_called_twice_matches_captum():
+    # Captum represents a layer called more than once by its last call's activations and replaces every call.
+    torch.manual_seed(4)
+    lin, head = nn.Linear(5, 5).double(), nn.Linear(5, 3).double()
+
+    def model(x):
+        return head(lin(torch.tanh(lin(x))))
+
+    x = torch.randn(3, 5, dtype=torch.float64)
+    a = fastml.LayerIntegratedGradients(model, lin).attribute(x, target=2, n_steps=10)
+    ca = captum_attr.LayerIntegratedGradients(model, lin).attribute(x, target=2, n_steps=10)
+    _close(a, ca)
 
 
 @pytest.mark.parametrize("to_input", [False, True])
@@ -246,6 +278,9 @@ def test_progress_bar(capsys):
     ("baselines", ValueError, "baselines"),
     ("target", IndexError, "target"),
     ("target_list", IndexError, "target"),
+    ("target_tuples", IndexError, "target"),
+    ("baselines_list", TypeError, "baselines"),
+    ("atol", ValueError, "atol"),
     ("int_inputs", TypeError, "inputs"),
     ("device", ValueError, "baselines"),
 ])
@@ -266,6 +301,12 @@ def test_errors_name_the_argument_and_leave_tensors_alone(case, exc, word):
         kw["target"] = 4
     elif case == "target_list":
         kw["target"] = [0, 1, 9]
+    elif case == "target_tuples":
+        kw["target"] = [(0, 1)] * 3  # two indices for an output with one dim after the batch
+    elif case == "baselines_list":
+        b = [0.0]
+    elif case == "atol":
+        kw["atol"] = -1.0
     elif case == "int_inputs":
         x = torch.randint(0, 5, (3, 6))
         x0 = x.clone()
@@ -274,7 +315,7 @@ def test_errors_name_the_argument_and_leave_tensors_alone(case, exc, word):
     with pytest.raises(exc, match=word):
         fastml.integrated_gradients(model, x, b, **kw)
     assert torch.equal(x, x0)
-    if b.device.type != "meta":
+    if isinstance(b, torch.Tensor) and b.device.type != "meta":
         assert torch.equal(b, b0)
 
 

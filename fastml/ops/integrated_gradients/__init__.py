@@ -57,8 +57,9 @@ def integrated_gradients(forward_func, inputs, baselines=None, target=None, *, a
     "riemann_trapezoid", "gausslegendre") with n_steps nodes. Steps go through the model in chunks of at most
     internal_batch_size rows (None: fastml sizes the chunks), so memory does not grow with n_steps.
 
-    rtol (adaptive mode): refine each example's rule, reusing every evaluation, until
-    |sum(attr) - (F(x) - F(x'))| <= max(rtol * |F(x) - F(x')|, atol) or max_steps nodes (then a warning).
+    rtol, atol (adaptive mode, turned on by either; rtol None counts as 0): refine each example's rule, reusing
+    every evaluation, until |sum(attr) - (F(x) - F(x'))| <= max(rtol * |F(x) - F(x')|, atol) or max_steps nodes
+    (then a warning).
 
     Returns the attributions (float32, float64 for float64 inputs; a tuple for tuple inputs), and with
     return_convergence_delta=True also delta [B] = sum(attr) - (F(x) - F(x')).

@@ -38,6 +38,9 @@ def format_baselines(baselines, inputs):
     """Baselines as a tuple of tensors with each input's dtype and device, expanded (a view) to its shape."""
     if baselines is None:
         baselines = (0,) * len(inputs)
+    elif isinstance(baselines, (list, dict, set)):
+        raise TypeError(f"baselines must be None, a number, a tensor or a tuple of those, got "
+                        f"{type(baselines).__name__}")
     elif not isinstance(baselines, tuple):
         baselines = (baselines,)
     if len(baselines) != len(inputs):
@@ -125,6 +128,16 @@ def _check_index(index, size, what):
         raise IndexError(f"target {index} is out of range for {what} of size {size}")
 
 
+def _check_tuple(index, output):
+    """A target tuple indexes the output's dims after the batch: no more indices than dims, each in range."""
+    if len(index) > output.dim() - 1:
+        raise IndexError(f"target {index} has more indices than the output's {output.dim() - 1} dims after the "
+                         "batch")
+    for d, i in enumerate(index):
+        if isinstance(i, int):
+            _check_index(i, output.shape[d + 1], f"output dim {d + 1}")
+
+
 def select(output, target):
     """The model output [N, ...] reduced to one scalar per row [N] by `target`, with Captum's rules. A target
     out of range raises IndexError naming `target`."""
@@ -137,12 +150,7 @@ def select(output, target):
         return select(output, int(target.item()))
     elif isinstance(target, (int, tuple)):
         index = target if isinstance(target, tuple) else (target,)
-        if len(index) > output.dim() - 1:
-            raise IndexError(f"target {target} has more indices than the output's {output.dim() - 1} dims after "
-                             "the batch")
-        for d, i in enumerate(index):
-            if isinstance(i, int):
-                _check_index(i, output.shape[d + 1], f"output dim {d + 1}")
+        _check_tuple(index, output)
         selected = output[(slice(None),) + index]
     elif isinstance(target, torch.Tensor) or isinstance(target[0], int):
         if output.dim() != 2:
@@ -154,8 +162,7 @@ def select(output, target):
         selected = output.gather(1, t % output.shape[1]).squeeze(-1)
     else:
         for t in target:
-            for d, i in enumerate(t):
-                _check_index(i, output.shape[d + 1], f"output dim {d + 1}")
+            _check_tuple(t, output)
         selected = torch.stack([output[(i,) + t] for i, t in enumerate(target)])
     if selected.dim() == 0 or selected[0].numel() != 1:
         raise ValueError("target is needed: forward_func must give one scalar per example after target selection, "

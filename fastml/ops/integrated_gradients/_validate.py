@@ -12,11 +12,11 @@ def check_options(*, n_steps, method, internal_batch_size, rtol, atol, max_steps
     if internal_batch_size is not None and (isinstance(internal_batch_size, bool) or
                                             not isinstance(internal_batch_size, int) or internal_batch_size < 1):
         raise ValueError(f"internal_batch_size must be None or an integer >= 1, got {internal_batch_size!r}")
-    if rtol is not None:
-        if not isinstance(rtol, numbers.Real) or not rtol >= 0:
-            raise ValueError(f"rtol must be None or a number >= 0, got {rtol!r}")
-        if not isinstance(atol, numbers.Real) or not atol >= 0:
-            raise ValueError(f"atol must be a number >= 0, got {atol!r}")
+    if rtol is not None and (isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not rtol >= 0):
+        raise ValueError(f"rtol must be None or a number >= 0, got {rtol!r}")
+    if isinstance(atol, bool) or not isinstance(atol, numbers.Real) or not atol >= 0:
+        raise ValueError(f"atol must be a number >= 0, got {atol!r}")
+    if rtol is not None or atol > 0:  # adaptive mode (either tolerance turns it on)
         if rtol == 0 and atol == 0:
             raise ValueError("rtol and atol cannot both be 0 (no rule meets a zero tolerance)")
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < n_steps:

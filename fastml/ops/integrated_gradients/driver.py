@@ -23,15 +23,16 @@ CHUNK_BYTES = 2 * 2**20
 MAX_CHUNK_STEPS = 32
 
 
-def chunk_steps(inputs, n_active, internal_batch_size, batch):
-    """Steps per model call: Captum's rule with internal_batch_size, else sized by CHUNK_BYTES."""
+def chunk_steps(inputs, n_active, internal_batch_size, batch, n_steps):
+    """Steps per model call for a rule of n_steps nodes: Captum's rule with internal_batch_size, else sized by
+    CHUNK_BYTES and never all steps at once (at most half of them, so memory never holds a whole rule's points)."""
     if internal_batch_size is not None:
         if internal_batch_size < batch:
             warnings.warn(f"internal_batch_size {internal_batch_size} is below the number of examples {batch}: "
                           "one step per model call", stacklevel=4)
         return max(1, internal_batch_size // n_active)
     step_bytes = n_active * sum(t[0].numel() * t.element_size() for t in inputs)
-    return int(max(1, min(MAX_CHUNK_STEPS, CHUNK_BYTES // max(1, step_bytes))))
+    return int(max(1, min(MAX_CHUNK_STEPS, (n_steps + 1) // 2, CHUNK_BYTES // max(1, step_bytes))))
 
 
 class _Progress:
@@ -65,7 +66,8 @@ def run(problem, *, method, n_steps, internal_batch_size, multiply_by_inputs, wa
     batch = inputs[0].shape[0]
     device = inputs[0].device
     dtype = acc_dtype(inputs[0].dtype)
-    adaptive = rtol is not None
+    adaptive = rtol is not None or atol > 0  # atol alone asks for adaptive mode with rtol = 0
+    rtol = 0.0 if rtol is None else rtol
     levels = quadrature.nested_levels(method, n_steps, max_steps) if adaptive else [quadrature.rule(method, n_steps)]
     rows_planned = n_steps * batch + (2 * batch if want_delta or adaptive else 0)
     bar = _Progress(progress, rows_planned)
@@ -84,7 +86,7 @@ def run(problem, *, method, n_steps, internal_batch_size, multiply_by_inputs, wa
             if level > 0:
                 bar.update(0, extra_total=len(new_alphas) * len(active))
             offset = sum(len(a) for a, _ in levels[:level])
-            c = chunk_steps(x, len(active), internal_batch_size, batch)
+            c = chunk_steps(x, len(active), internal_batch_size, batch, len(new_alphas))
             for start in range(0, len(new_alphas), c):
                 stop = min(start + c, len(new_alphas))
                 alphas = _tensor(new_alphas[start:stop], dtype, device)

@@ -58,7 +58,8 @@ class LayerProblem:
             handle.remove()
         if not seen:
             raise ValueError("layer: it was not called by forward_func")
-        acts, is_tuple = _as_acts(seen[0], self._where())
+        # As Captum: a layer called more than once is represented by its last call (every call is replaced below).
+        acts, is_tuple = _as_acts(seen[-1], self._where())
         return tuple(a.detach() for a in acts), is_tuple
 
     def grads(self, scaled, idx, steps):
