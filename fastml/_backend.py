@@ -27,8 +27,13 @@ class Call:
     options: dict = field(default_factory=dict)
 
 
+# Read once at import, like Triton itself, which picks the interpreter when fastml.kernels decorates its kernels:
+# setting the variable later changes neither.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def triton_interpret():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return TRITON_INTERPRET
 
 
 def _triton_import():

@@ -16,7 +16,8 @@ def tolerances(dtype):
 
 
 def assert_close(actual, expected, *, dtype=None, rtol=None, atol=None, equal_nan=False, name="tensor"):
-    """Assert |actual - expected| <= atol * max(1, max|expected|) + rtol * |expected| elementwise.
+    """Assert |actual - expected| <= atol * max(1, max|expected|) + rtol * |expected| elementwise (an infinite
+    expected value only by an equal one).
 
     dtype picks the tolerances (default: the lower precision of the two tensors). NaN in `actual` fails unless
     `equal_nan` and `expected` has NaN at the same place. Shapes must match exactly.
@@ -47,7 +48,8 @@ def assert_close(actual, expected, *, dtype=None, rtol=None, atol=None, equal_na
     err = (a - e).abs()
     finite_e = e[torch.isfinite(e)]
     scale = max(1.0, finite_e.abs().max().item()) if finite_e.numel() else 1.0
-    allowed = atol * scale + rtol * e.abs()
+    # An infinite expected value must be matched exactly (rtol * inf would accept anything).
+    allowed = torch.where(torch.isfinite(e), atol * scale + rtol * e.abs(), 0.0)
     bad = ~(err <= allowed) & ~(a == e)
     if bad.any():
         excess = torch.where(bad, err - allowed, torch.zeros_like(err))

@@ -52,7 +52,7 @@ def test_triton_serves_cpu_only_when_named_and_interpreting(monkeypatch):
 
     call = _backend.Call(torch.device("cpu"), torch.float32, {"K": 4, "V": 3})
     assert _backend.select("causal_linear_attention", call).name != "triton"
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_backend, "TRITON_INTERPRET", False)
     with pytest.raises(fastml.BackendUnavailable, match="TRITON_INTERPRET"):
         _backend.select("causal_linear_attention", call, "triton")
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import fastml
+from fastml._backend import triton_interpret
 
 B, H, T, K, V = 2, 2, 10, 8, 4
 
@@ -57,7 +58,7 @@ PACKED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend", ["reference", "cpp"] + (["triton"] if triton_interpret() else []))
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_causal_input(case, backend):
     _, mutate, kwargs, exc, name = case
@@ -79,9 +80,12 @@ def test_bad_causal_input(case, backend):
 def test_bad_cu_seqlens(case):
     _, kwargs, exc = case
     d = packed()
+    before = {n: t.clone() for n, t in d.items()}
     with pytest.raises(exc) as info:
         fastml.causal_linear_attention(d["q"], d["k"], d["v"], **kwargs)
     assert "cu_seqlens" in str(info.value) or "initial_state" in str(info.value), str(info.value)
+    for n, t in d.items():
+        assert torch.equal(t, before[n]), f"{n} was modified"
 
 
 def test_bad_step_inputs():

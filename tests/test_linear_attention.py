@@ -5,11 +5,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastml
+from fastml._backend import triton_import_error, triton_interpret
 from fastml.ops.linear_attention import reference
 from fastml.testing import assert_close
 from la_check import make_inputs
 
 CPU_BACKENDS = ["reference", "cpp"]
+# The invariants in float32 hold for the triton backend too, when the interpreter runs it on CPU tensors.
+F32_BACKENDS = CPU_BACKENDS + (["triton"] if triton_import_error() is None and triton_interpret() else [])
 MAPS = {None: lambda x: x, "elu+1": lambda x: torch.nn.functional.elu(x) + 1, "relu": torch.relu}
 
 
@@ -57,8 +60,8 @@ def test_reference_gradcheck():
     assert torch.autograd.gradcheck(f, leaves)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend,dtype", [(b, torch.float32) for b in F32_BACKENDS] +
+                         [(b, torch.float64) for b in CPU_BACKENDS])
 def test_split_and_resume_equals_whole(backend, dtype):
     q, k, v, _ = make_inputs(2, 3, 150, 16, 16, dtype)
     o, fs = fastml.causal_linear_attention(q, k, v, feature_map="elu+1", output_final_state=True, backend=backend)
@@ -71,7 +74,7 @@ def test_split_and_resume_equals_whole(backend, dtype):
     assert_close(s2.z, fs.z, name="z")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", F32_BACKENDS)
 def test_cu_seqlens_equals_separate_calls(backend):
     lengths = [5, 0, 64, 70, 1]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
@@ -87,7 +90,7 @@ def test_cu_seqlens_equals_separate_calls(backend):
         assert_close(fs.z[i:i + 1], si.z, name=f"z of segment {i}")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", F32_BACKENDS)
 @pytest.mark.parametrize("normalize", [True, False])
 def test_step_equals_causal(backend, normalize):
     q, k, v, _ = make_inputs(2, 2, 9, 16, 8, torch.float32)
@@ -127,7 +130,7 @@ def test_callable_feature_map_changes_dim(backend):
     assert_close(fs.kv, S)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", F32_BACKENDS)
 def test_noncontiguous_inputs_and_inputs_untouched(backend):
     x = torch.randn(2, 70, 3, 16)  # [B, T, H, K] viewed as [B, H, T, K]
     q, k, v = x.transpose(1, 2), (x * 0.5).transpose(1, 2), (x - 1).transpose(1, 2)
@@ -140,7 +143,7 @@ def test_noncontiguous_inputs_and_inputs_untouched(backend):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", F32_BACKENDS)
 def test_nan_in_gives_nan_out(backend):
     # Chunked kernels multiply a masked [C, C] block, so a NaN may reach earlier tokens of its own chunk (0 * NaN);
     # earlier chunks stay clean and every later token is NaN.
@@ -149,6 +152,18 @@ def test_nan_in_gives_nan_out(backend):
     o = fastml.causal_linear_attention(q, k, v, feature_map="elu+1", backend=backend)
     assert not o[0, 0, :128].isnan().any()
     assert o[0, 0, 130:, 3].isnan().all()
+    # Through each feature map (a NaN key feature reaches every later output; a NaN query its own token).
+    for fmap in ("elu+1", "relu", None):
+        for name in ("q", "k"):
+            t = {"q": q.clone(), "k": k.clone(), "v": v[..., :3].clone()}
+            t[name][0, 0, 70, 2] = float("nan")
+            o = fastml.causal_linear_attention(t["q"], t["k"], t["v"], feature_map=fmap, backend=backend)
+            assert not o[0, 0, :64].isnan().any(), (fmap, name)
+            assert o[0, 0, 70].isnan().all(), (fmap, name)
+            st = fastml.LinearAttentionState(torch.zeros(1, 1, 8, 3), torch.zeros(1, 1, 8))
+            o, _ = fastml.linear_attention_step(t["q"][:, :, 70], t["k"][:, :, 70], t["v"][:, :, 70], st,
+                                                feature_map=fmap, backend=backend)
+            assert o.isnan().all(), (fmap, name, "step")
 
 
 def test_noncausal_matches_maths():

@@ -35,7 +35,7 @@ template <> __device__ __forceinline__ double from_acc<double>(double x) { retur
 // (relu' is 0 at 0, as in torch).
 template <class A> __device__ __forceinline__ A feature(A x, int code) {
   if (code == 1) return x > A(0) ? x + A(1) : exp(x);
-  if (code == 2) return x > A(0) ? x : A(0);
+  if (code == 2) return x < A(0) ? A(0) : x;  // NaN stays NaN, as torch.relu
   return x;
 }
 template <class A> __device__ __forceinline__ A feature_grad(A x, int code) {

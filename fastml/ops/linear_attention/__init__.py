@@ -196,8 +196,9 @@ def _register():
 
 
 def _head_dims_up_to_256(call):
-    if call.options.get("K", 0) > 256 or call.options.get("V", 0) > 256:
-        return "its kernels take head dims K, V up to 256"
+    K, V = call.options.get("K", 1), call.options.get("V", 1)
+    if not (1 <= K <= 256 and 1 <= V <= 256):
+        return f"its kernels take head dims K, V from 1 to 256, got K = {K}, V = {V}"
     return None
 
 
