@@ -111,6 +111,27 @@ def test_bad_noncausal_inputs():
 def test_bad_layer_arguments():
     with pytest.raises(ValueError, match="num_heads"):
         fastml.nn.CausalLinearAttention(30, 4)
+    with pytest.raises(ValueError, match="embed_dim"):
+        fastml.nn.CausalLinearAttention(True, 1)
+    with pytest.raises(ValueError, match="feature_map"):
+        fastml.nn.CausalLinearAttention(8, 2, feature_map="softmax")
+    with pytest.raises(ValueError, match="eps"):
+        fastml.nn.CausalLinearAttention(8, 2, eps=-1.0)
     layer = fastml.nn.CausalLinearAttention(8, 2)
     with pytest.raises(ValueError, match="x"):
         layer(torch.randn(2, 8))
+    with pytest.raises(TypeError, match="x"):
+        layer(torch.ones(2, 3, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="x_t"):
+        layer.step(torch.randn(2, 3, 8))
+    with pytest.raises(TypeError, match="x_t"):
+        layer.step([[0.0] * 8])
+
+
+def test_numpy_scalars_are_accepted():
+    np = pytest.importorskip("numpy")
+    d = good()
+    want = fastml.causal_linear_attention(d["q"], d["k"], d["v"], eps=1e-3, scale=0.5, backend="reference")
+    got = fastml.causal_linear_attention(d["q"], d["k"], d["v"], eps=np.float32(1e-3), scale=np.float64(0.5),
+                                         backend="reference")
+    torch.testing.assert_close(got, want)

@@ -3,6 +3,11 @@ import torch
 from torch import nn
 
 from fastml.ops.linear_attention import LinearAttentionState, causal_linear_attention, linear_attention_step
+from fastml.ops.linear_attention._validate import check_feature_map, check_scalars
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class CausalLinearAttention(nn.Module):
@@ -14,10 +19,12 @@ class CausalLinearAttention(nn.Module):
 
     def __init__(self, embed_dim, num_heads, *, feature_map="elu+1", bias=True, eps=1e-6, device=None, dtype=None):
         super().__init__()
-        if not isinstance(embed_dim, int) or embed_dim <= 0:
+        if not _is_int(embed_dim) or embed_dim <= 0:
             raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
-        if not isinstance(num_heads, int) or num_heads <= 0 or embed_dim % num_heads:
+        if not _is_int(num_heads) or num_heads <= 0 or embed_dim % num_heads:
             raise ValueError(f"num_heads must be a positive int dividing embed_dim={embed_dim}, got {num_heads!r}")
+        check_feature_map(feature_map)
+        check_scalars(normalize=True, eps=eps, scale=1.0)
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -33,9 +40,14 @@ class CausalLinearAttention(nn.Module):
         q, k, v = self.qkv_proj(x).view(*lead, 3, self.num_heads, self.head_dim).unbind(-3)
         return q, k, v
 
+    def _check(self, x, name, layout):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor {layout}, got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() != len(layout.split(",")) or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"{name} must be {layout}, got shape {list(x.shape)}")
+
     def forward(self, x, state=None, return_state=False):
-        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must be [B, T, {self.embed_dim}], got shape {list(x.shape)}")
+        self._check(x, "x", f"[B, T, {self.embed_dim}]")
         B, T, _ = x.shape
         q, k, v = (t.transpose(1, 2) for t in self._heads(x))
         o, new_state = causal_linear_attention(q, k, v, feature_map=self.feature_map, eps=self.eps,
@@ -44,8 +56,7 @@ class CausalLinearAttention(nn.Module):
         return (y, new_state) if return_state else y
 
     def step(self, x_t, state=None):
-        if x_t.dim() != 2 or x_t.shape[-1] != self.embed_dim:
-            raise ValueError(f"x_t must be [B, {self.embed_dim}], got shape {list(x_t.shape)}")
+        self._check(x_t, "x_t", f"[B, {self.embed_dim}]")
         q, k, v = self._heads(x_t)
         o, new_state = linear_attention_step(q, k, v, state, feature_map=self.feature_map, eps=self.eps)
         return self.out_proj(o.reshape(x_t.shape[0], self.embed_dim)), new_state

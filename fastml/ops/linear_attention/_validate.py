@@ -1,4 +1,6 @@
 """Argument checks for the linear-attention functions. Each error names the argument at fault."""
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -48,7 +50,7 @@ def check_scalars(*, normalize, eps, scale, output_final_state=False):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     for value, name in ((eps, "eps"), (scale, "scale")):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy floats are Real too
             raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     if not eps >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
