@@ -28,20 +28,20 @@ def device(request):
 
 @pytest.fixture(scope="session")
 def peaks(device):
-    """Measured in this run: CPU sgemm GFLOP/s; on CUDA also bf16 matmul TFLOP/s and copy GB/s."""
+    """Measures this machine's peaks (CPU sgemm GFLOP/s; on CUDA bf16 matmul TFLOP/s and copy GB/s) into the
+    results; the session measures them again at its end and the tables use the best readings."""
     if device == "cuda":
         import torch
 
         tflops, gbps = cuda_peaks()
-        RESULTS.machine.update({"device": torch.cuda.get_device_name(), "bf16 matmul TFLOP/s": round(tflops),
-                                "copy GB/s": round(gbps)})
-        return {"tflops": tflops, "gbps": gbps}
-    gflops = cpu_sgemm_peak_gflops()
+        RESULTS.machine["device"] = torch.cuda.get_device_name()
+        RESULTS.record_peak("bf16 matmul TFLOP/s", tflops)
+        RESULTS.record_peak("copy GB/s", gbps)
+        return
     import torch
 
-    RESULTS.machine.update({"device": f"CPU, {torch.get_num_threads()} threads",
-                            "sgemm peak GFLOP/s": round(gflops, 1)})
-    return {"gflops": gflops}
+    RESULTS.machine["device"] = f"CPU, {torch.get_num_threads()} threads"
+    RESULTS.record_peak("sgemm peak GFLOP/s", cpu_sgemm_peak_gflops())
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +50,13 @@ def results():
 
 
 def pytest_sessionfinish(session, exitstatus):
+    # The second reading of the peaks (the tables use the best of the two).
+    if "sgemm peak GFLOP/s" in RESULTS.machine:
+        RESULTS.record_peak("sgemm peak GFLOP/s", cpu_sgemm_peak_gflops())
+    if "copy GB/s" in RESULTS.machine:
+        tflops, gbps = cuda_peaks()
+        RESULTS.record_peak("bf16 matmul TFLOP/s", tflops)
+        RESULTS.record_peak("copy GB/s", gbps)
     path = RESULTS.save()
     if path is None:
         return

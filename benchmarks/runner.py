@@ -87,6 +87,11 @@ def peak_memory_mb(setup, call, env=None):
 class Results:
     """Rows collected over a run, printed as one markdown table per op and saved as JSON and markdown."""
 
+    # Columns derived when the tables are written: percent of a machine peak, from a throughput column. The peak is
+    # the best seen in the run (measured at its start and again at its end), so one reading taken while something
+    # else loaded the machine cannot inflate every fraction.
+    FRACTIONS = {"% sgemm peak": ("GFLOP/s", "sgemm peak GFLOP/s"), "% copy BW": ("GB/s", "copy GB/s")}
+
     def __init__(self):
         self.rows = {}
         self.machine = {}
@@ -96,12 +101,30 @@ class Results:
         self.rows.setdefault(op, []).append(row)
         self.save()  # after every row, so a run cut short keeps what it measured
 
+    def record_peak(self, key, value):
+        """A reading of a machine peak: the table uses the best one."""
+        self.machine[key] = round(max(value, self.machine.get(key, 0.0)), 1)
+
+    def _tables(self):
+        out = {}
+        for op, rows in self.rows.items():
+            out[op] = []
+            for r in rows:
+                full = {}
+                for c, value in r.items():
+                    full[c] = value
+                    for col, (src, key) in self.FRACTIONS.items():
+                        if c == src and self.machine.get(key):
+                            full[col] = 100 * value / self.machine[key]
+                out[op].append(full)
+        return out
+
     def markdown(self):
         lines = []
         if self.machine:
             lines.append("Machine: " + ", ".join(f"{k} {v}" for k, v in self.machine.items()))
             lines.append("")
-        for op, rows in self.rows.items():
+        for op, rows in self._tables().items():
             cols = list(dict.fromkeys(c for r in rows for c in r))
             lines.append(f"### {op}")
             lines.append("")
@@ -119,7 +142,7 @@ class Results:
         stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}-{self.device}"
         path = os.path.join(RESULTS_DIR, stem)
         with open(path + ".json", "w") as f:
-            json.dump({"machine": self.machine, "tables": self.rows}, f, indent=1)
+            json.dump({"machine": self.machine, "tables": self._tables()}, f, indent=1)
         with open(path + ".md", "w") as f:
             f.write(self.markdown() + "\n")
         return path
