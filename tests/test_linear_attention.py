@@ -235,3 +235,23 @@ def test_double_backward_through_a_kernel_raises():
     o = fastml.causal_linear_attention(q, k, v, feature_map="elu+1", backend="cpp")
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(o.sum(), q, create_graph=True)
+
+
+@given(lengths=st.lists(st.integers(0, 80), min_size=1, max_size=4), fmap=st.sampled_from([None, "elu+1", "relu"]),
+       normalize=st.booleans())
+def test_property_cu_seqlens_equals_separate_calls(lengths, fmap, normalize):
+    normalize = normalize and fmap is not None
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    q, k, v, state = make_inputs(1, 2, sum(lengths), 8, 5, torch.float64, with_state=True, n_seq=len(lengths),
+                                 seed=sum(lengths))
+    for backend in CPU_BACKENDS:
+        o, fs = fastml.causal_linear_attention(q, k, v, feature_map=fmap, normalize=normalize, initial_state=state,
+                                               cu_seqlens=cu, output_final_state=True, backend=backend)
+        for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+            st_i = fastml.LinearAttentionState(state.kv[i:i + 1], state.z[i:i + 1])
+            oi, si = fastml.causal_linear_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], feature_map=fmap,
+                                                    normalize=normalize, initial_state=st_i, output_final_state=True,
+                                                    backend=backend)
+            assert_close(o[:, :, s:e], oi, name=f"{backend} o of segment {i}")
+            assert_close(fs.kv[i:i + 1], si.kv, name=f"{backend} kv of segment {i}")
+            assert_close(fs.z[i:i + 1], si.z, name=f"{backend} z of segment {i}")

@@ -151,6 +151,10 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastml.linear_attention_fwd.default, fwd)
     torch.library.opcheck(torch.ops.fastml.linear_attention_fwd.default, fwd_cu)
     torch.library.opcheck(torch.ops.fastml.linear_attention_bwd.default, bwd)
+    q, k, v, state = make_inputs(2, 3, 1, 16, 20, F32, with_state=True)
+    step = (q[:, :, 0].contiguous(), k[:, :, 0].contiguous(), v[:, :, 0].contiguous(), state.kv, state.z, 2, True,
+            1e-6, 0.5)
+    torch.library.opcheck(torch.ops.fastml.linear_attention_step.default, step)
 
 
 def test_nan_propagates():
