@@ -104,3 +104,18 @@ def test_path_errors_name_the_argument():
         fastml.ig_accumulate(torch.randn(5, 3), x, x, torch.rand(2))
     with pytest.raises(TypeError, match="inputs"):
         fastml.ig_scale_inputs(x.long(), x.long(), torch.rand(2))
+
+
+def test_path_kernels_compile_fullgraph():
+    _cpp_or_skip()
+    x, xb, grads, alphas, weights = _data((3, 5), torch.float32, 4)
+
+    def f(x, xb, grads):
+        scaled = fastml.ig_scale_inputs(x, xb[:1], alphas.float(), backend="cpp")
+        attr, sums = fastml.ig_accumulate(grads + scaled, x, xb[:1], weights.float(), return_sums=True,
+                                          backend="cpp")
+        return attr, sums
+
+    got = torch.compile(f, fullgraph=True)(x, xb, grads)
+    for a, e in zip(got, f(x, xb, grads)):
+        assert_close(a, e)

@@ -255,3 +255,28 @@ def test_property_cu_seqlens_equals_separate_calls(lengths, fmap, normalize):
             assert_close(o[:, :, s:e], oi, name=f"{backend} o of segment {i}")
             assert_close(fs.kv[i:i + 1], si.kv, name=f"{backend} kv of segment {i}")
             assert_close(fs.z[i:i + 1], si.z, name=f"{backend} z of segment {i}")
+
+
+@pytest.mark.parametrize("backend,varlen", [("cpp", True), ("reference", False)])
+def test_ops_compile_fullgraph(backend, varlen):
+    # Varlen with a final state and gradients, the decode step and the non-causal op, traced whole (aot_eager;
+    # the layer test above runs inductor). The reference loops over cu_seqlens segments with host-read bounds, so
+    # only its fixed-length form traces (README, "Decisions").
+    q, k, v, state = make_inputs(1, 2, 30, 8, 4, torch.float32, with_state=True, n_seq=2 if varlen else 1)
+    cu = torch.tensor([0, 11, 30]) if varlen else None
+
+    def f(q, k, v):
+        o, st = fastml.causal_linear_attention(q, k, v, feature_map="elu+1", initial_state=state, cu_seqlens=cu,
+                                               output_final_state=True, backend=backend)
+        first = fastml.LinearAttentionState(st.kv[:1], st.z[:1])
+        o_t, st2 = fastml.linear_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], first, feature_map="elu+1",
+                                                backend=backend)
+        o_nc = fastml.linear_attention(q, k, v, feature_map="relu", backend=backend)
+        return o.square().sum() + st2.kv.sum() + o_t.sum() + o_nc.sum()
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.compile(f, backend="aot_eager", fullgraph=True)(*leaves).backward()
+    want = [t.clone().requires_grad_() for t in (q, k, v)]
+    f(*want).backward()
+    for got, exp, name in zip(leaves, want, "qkv"):
+        assert_close(got.grad, exp.grad, name=f"d{name}")
