@@ -60,7 +60,7 @@ def pytest_generate_tests(metafunc):
                                                  for c in cases])
 
 
-def test_linear_attention(benchmark, case, device, peaks, results):
+def test_linear_attention(benchmark, case, device, results):
     (B, H, T, K, V), backend, kind, normalize = case
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     fla = _fla_chunk() if backend == "fla" else None

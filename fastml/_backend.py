@@ -52,6 +52,13 @@ def triton_import_error():
     return TRITON_IMPORT_ERROR
 
 
+def triton_cpu_error():
+    """Why the triton backend cannot run on CPU tensors in this process (None when it can: the interpreter)."""
+    if TRITON_IMPORT_ERROR is not None:
+        return TRITON_IMPORT_ERROR
+    return None if TRITON_INTERPRET else "triton serves CPU tensors only under TRITON_INTERPRET=1"
+
+
 def _cpp_available():
     from fastml._ext import load_error
 
@@ -104,8 +111,8 @@ class Backend:
         devices = self.devices or DEFAULT_DEVICES[self.name]
         if call.device.type not in devices:
             return f"it runs on {'/'.join(devices)} tensors, not {call.device.type}"
-        if self.name == "triton" and call.device.type == "cpu" and not triton_interpret():
-            return "triton serves CPU tensors only under TRITON_INTERPRET=1"
+        if self.name == "triton" and call.device.type == "cpu" and triton_cpu_error() is not None:
+            return triton_cpu_error()
         if self.name == "triton" and call.device.type == "cuda" and triton_interpret():
             return "TRITON_INTERPRET=1 is set, so triton runs on CPU tensors only"
         if call.dtype not in self.dtypes:

@@ -57,7 +57,7 @@ def feature_map_grad(g, x, FMAP: tl.constexpr):
     if FMAP == 1:
         g = g * tl.exp(tl.where(x > 0, 0.0, x))
     elif FMAP == 2:
-        g = tl.where(x > 0, g, 0.0)
+        g = tl.where(x <= 0, 0.0, g)  # as torch's relu backward: NaN passes the gradient
     return g
 
 

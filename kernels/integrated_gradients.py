@@ -92,9 +92,10 @@ def ig_accumulate_triton(grads: torch.Tensor, inputs: torch.Tensor, baselines: t
     n_tiles = triton.cdiv(D, BLOCK)
     partial = inputs.new_empty(B, n_tiles, dtype=dt)
     w = weights.to(dt).contiguous()
-    # Flat element offsets, as in the scale kernel: dense copies of strided or broadcast operands.
-    g, x, xb = grads.contiguous(), inputs.contiguous(), baselines.expand(inputs.shape).contiguous()
-    a = None if acc is None else acc.contiguous()
+    # Flat element offsets, as in the scale kernel: dense copies of strided or broadcast operands (x and x' are read
+    # only for the product with x - x').
+    g, a = grads.contiguous(), None if acc is None else acc.contiguous()
+    x, xb = (inputs.contiguous(), baselines.expand(inputs.shape).contiguous()) if multiply_by_inputs else (g, g)
     with device_of(inputs):
         _accumulate_kernel[(n_tiles, B)](g, x, xb, w, a, attr, partial, w.shape[0], B * D, D, n_tiles,
                                          MULTIPLY=multiply_by_inputs, HAS_ACC=acc is not None, BLOCK=BLOCK)

@@ -4,6 +4,7 @@ import torch
 
 import fastml
 from fastml import _backend
+from fastml._backend import triton_cpu_error
 from fastml.testing import assert_close
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -119,3 +120,62 @@ def test_path_kernels_compile_fullgraph():
     got = torch.compile(f, fullgraph=True)(x, xb, grads)
     for a, e in zip(got, f(x, xb, grads)):
         assert_close(a, e)
+
+
+def _layouts():
+    """(name, inputs, baselines, grads) with S = 3 steps: dense, and the strided or broadcast operands IG passes."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 1100, generator=g)
+    grads = torch.randn(12, 1100, generator=g)
+    return [
+        ("dense", x, torch.randn(4, 1100, generator=g), grads),
+        ("baseline [1, D]", x, torch.randn(1, 1100, generator=g), grads),
+        ("0-d baseline", x, torch.tensor(0.25), grads),
+        ("expanded zero baseline", x, torch.zeros(()).expand(4, 1100), grads),
+        ("transposed inputs", torch.randn(1100, 4, generator=g).t(), torch.randn(1100, generator=g), grads),
+        ("strided grads", x, torch.zeros(1100), torch.randn(1100, 12, generator=g).t()),
+        ("expanded grads", x, torch.zeros(1100), torch.randn(12, 1, generator=g).expand(12, 1100)),
+    ]
+
+
+# The kernel backends that run on CPU tensors here (triton through its interpreter).
+KERNELS = ["cpp"] + (["triton"] if triton_cpu_error() is None else [])
+
+
+@pytest.mark.parametrize("case", _layouts(), ids=lambda c: c[0])
+def test_layouts_match_reference(case):
+    _, x, xb, grads = case
+    alphas = torch.tensor([0.1, 0.5, 0.9])
+    before = [t.clone() for t in (x, xb, grads)]
+    for backend in KERNELS:
+        assert_close(fastml.ig_scale_inputs(x, xb, alphas, backend=backend),
+                     fastml.ig_scale_inputs(x, xb, alphas, backend="reference"), name=f"{backend} scaled")
+        for mul in (True, False):
+            got = fastml.ig_accumulate(grads, x, xb, alphas, multiply_by_inputs=mul, return_sums=True,
+                                       backend=backend)
+            want = fastml.ig_accumulate(grads, x, xb, alphas, multiply_by_inputs=mul, return_sums=True,
+                                        backend="reference")
+            assert_close(got[0], want[0], name=f"{backend} attributions")
+            assert_close(got[1], want[1], rtol=1e-4, name=f"{backend} sums")
+    for t, b in zip((x, xb, grads), before):
+        assert torch.equal(t, b)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_integrated_gradients_through_each_backend(backend):
+    # The driver passes broadcast baselines (None and scalars become expanded zeros) and the model's gradients.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x = (torch.randn(5, 6), torch.randn(5, 2, 3).transpose(1, 2))
+
+    def f(a, b):
+        return model(a + b.sum(1).repeat(1, 3))
+
+    for baselines in (None, (0.5, torch.randn(1, 3, 2))):
+        got, d1 = fastml.integrated_gradients(f, x, baselines, target=1, n_steps=7, return_convergence_delta=True,
+                                              backend=backend)
+        want, d2 = fastml.integrated_gradients(f, x, baselines, target=1, n_steps=7, return_convergence_delta=True,
+                                               backend="reference")
+        for a, e in zip(got, want):
+            assert_close(a, e, name=f"{backend} attributions")
+        assert_close(d1, d2, atol=1e-5, name=f"{backend} delta")

@@ -9,7 +9,9 @@ from fastml.testing import assert_close
 pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-SHAPES = [(4, 3, 32, 32), (5, 7), (3,), (2, 1000, 13), (1, 4096), (66000, 3)]  # B > 65535 blocks of a grid column
+# (1, 300000): more elements than the accumulate's 256 tiles of 1024 cover at once; (66000, 3) and (66000, 4): many
+# examples, on the one-wide and the four-wide path.
+SHAPES = [(4, 3, 32, 32), (5, 7), (3,), (2, 1000, 13), (1, 4096), (1, 300000), (66000, 3), (66000, 4)]
 
 
 def acc_dtype(dtype):
@@ -83,6 +85,20 @@ def test_accumulate_broadcast_baseline_does_not_modify_inputs():
     assert_close(attr, want, name="attributions")
     for before, after in zip(copies, (grads, x, acc)):
         assert torch.equal(before, after)
+
+
+def test_accumulate_offset_views():
+    # Views that start one element into their storage: the kernel falls back to one-wide loads.
+    S, B, D = 3, 5, 64
+    g_all = torch.randn(S * B * D + 1, device="cuda")
+    x_all = torch.randn(B * D + 1, device="cuda")
+    grads, x = g_all[1:].view(S * B, D), x_all[1:].view(B, D)
+    xb = torch.zeros((), device="cuda")
+    w = torch.tensor([0.2, 0.3, 0.5], device="cuda")
+    attr, sums = torch.ops.fastml.ig_accumulate(grads, x, xb, w, True, None)
+    want = (w.view(S, 1, 1) * grads.view(S, B, D)).sum(0) * x
+    assert_close(attr, want, name="attributions")
+    assert_close(sums, want.sum(1), name="sums")
 
 
 def test_opcheck_ig_ops():

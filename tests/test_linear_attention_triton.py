@@ -5,12 +5,11 @@ import pytest
 import torch
 
 import fastml
-from fastml._backend import triton_import_error, triton_interpret
+from fastml._backend import triton_cpu_error, triton_interpret
 from fastml.testing import assert_close
 from la_check import check_backend, make_inputs
 
-interp = pytest.mark.skipif(triton_import_error() is not None or not triton_interpret(),
-                            reason="needs triton with TRITON_INTERPRET=1 (CPU tensors)")
+interp = pytest.mark.skipif(triton_cpu_error() is not None, reason=str(triton_cpu_error()))
 
 
 def gpu(test):

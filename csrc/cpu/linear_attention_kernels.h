@@ -106,10 +106,10 @@ void store_input_grad(const acc_t* g, const scalar_t* x, scalar_t* out, int64_t 
         out[i] = static_cast<scalar_t>(mul * g[i] * (xi > 0 ? acc_t(1) : exp_nonpositive(xi)));
       }
       break;
-    case kRelu:
+    case kRelu:  // as torch's relu backward: the gradient passes wherever x <= 0 is false, NaN included
 #pragma omp simd
       for (int64_t i = 0; i < d; ++i) {
-        out[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) > 0 ? mul * g[i] : acc_t(0));
+        out[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) <= 0 ? acc_t(0) : mul * g[i]);
       }
       break;
     default:

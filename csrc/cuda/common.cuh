@@ -32,7 +32,7 @@ template <> __device__ __forceinline__ float from_acc<float>(float x) { return x
 template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
 
 // Feature maps by code: 0 identity, 1 elu+1 (x + 1 for x > 0, exp(x) otherwise), 2 relu; and their derivatives
-// (relu' is 0 at 0, as in torch).
+// (relu' is 0 at 0 and 1 at NaN, as in torch).
 template <class A> __device__ __forceinline__ A feature(A x, int code) {
   if (code == 1) return x > A(0) ? x + A(1) : exp(x);
   if (code == 2) return x < A(0) ? A(0) : x;  // NaN stays NaN, as torch.relu
@@ -40,7 +40,7 @@ template <class A> __device__ __forceinline__ A feature(A x, int code) {
 }
 template <class A> __device__ __forceinline__ A feature_grad(A x, int code) {
   if (code == 1) return x > A(0) ? A(1) : exp(x);
-  if (code == 2) return x > A(0) ? A(1) : A(0);
+  if (code == 2) return x <= A(0) ? A(0) : A(1);  // NaN passes the gradient, as torch's relu backward
   return A(1);
 }
 

@@ -39,25 +39,28 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One block per (tile column, example): the block walks its share of example b's D elements, and its part of the
-// example's sum goes to partial[b * gridDim.x + blockIdx.x] (reduced in a fixed order by the caller), so the
-// per-example sums come out of the same pass over the gradients.
+// One warp per (example, tile) task, tiles = ig_accumulate_tiles(D): the warp walks its tile's share of example
+// b's D elements (32 consecutive packs at a time, so loads coalesce) and its part of the example's sum goes to
+// partial[b * tiles + tile] (reduced in a fixed order by the caller): the per-example sums come out of the same
+// pass over the gradients. A warp per task keeps small examples (tabular rows) from idling whole blocks.
 template <class T, int W>
 __global__ void __launch_bounds__(kThreads)
     ig_accumulate_kernel(const T* grads, const T* x, const T* xb, const acc_t<T>* weights, const acc_t<T>* acc,
                          bool multiply_by_inputs, acc_t<T>* attr, acc_t<T>* partial, int64_t S, int64_t B,
-                         int64_t D) {
+                         int64_t D, int64_t tiles) {
   using A = acc_t<T>;
   using P = Pack<T, W>;
   using PA = Pack<A, W>;
-  __shared__ A warp_sums[kThreads / 32];
+  constexpr int kWarps = kThreads / 32;
+  const int lane = threadIdx.x % 32;
   const int64_t packs = D / W;  // D % W == 0, so a pack never crosses examples and stays W-aligned
   const int64_t M = B * D;
-  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    const int64_t off = b * D;
+  // The task loop depends on the warp alone, so every lane reaches warp_sum.
+  for (int64_t task = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; task < B * tiles;
+       task += int64_t(gridDim.x) * kWarps) {
+    const int64_t b = task / tiles, tile = task % tiles, off = b * D;
     A local = A(0);
-    for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < packs;
-         p += int64_t(gridDim.x) * blockDim.x) {
+    for (int64_t p = tile * 32 + lane; p < packs; p += tiles * 32) {
       PA total;
       if (acc != nullptr) {
         total = reinterpret_cast<const PA*>(acc + off)[p];
@@ -82,14 +85,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = 0; i < W; ++i) local += total.v[i];
     }
     local = warp_sum(local);
-    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = local;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-      A v = threadIdx.x < kThreads / 32 ? warp_sums[threadIdx.x] : A(0);
-      v = warp_sum(v);
-      if (threadIdx.x == 0) partial[b * gridDim.x + blockIdx.x] = v;
-    }
-    __syncthreads();  // warp_sums is reused by the next example
+    if (lane == 0) partial[task] = local;  // task = b * tiles + tile
   }
 }
 
@@ -130,7 +126,9 @@ cudaError_t accumulate_typed(const void* grads, const void* x, const void* xb, c
   if (B == 0 || D == 0) return cudaSuccess;
   const bool wide = D % 4 == 0 && aligned(grads, vec) && aligned(x, vec) && aligned(xb, vec) &&
                     aligned(attr, vec_acc) && (acc == nullptr || aligned(acc, vec_acc));
-  const dim3 grid(unsigned(ig_accumulate_tiles(D)), unsigned(B < 65535 ? B : 65535));
+  const int64_t tiles = ig_accumulate_tiles(D);
+  const int64_t blocks = (B * tiles + kThreads / 32 - 1) / (kThreads / 32);
+  const unsigned grid = unsigned(blocks < (int64_t(1) << 20) ? blocks : (int64_t(1) << 20));
   const T* gt = static_cast<const T*>(grads);
   const T* xt = static_cast<const T*>(x);
   const T* bt = static_cast<const T*>(xb);
@@ -140,10 +138,10 @@ cudaError_t accumulate_typed(const void* grads, const void* x, const void* xb, c
   A* pt = static_cast<A*>(partial);
   if (wide) {
     ig_accumulate_kernel<T, 4>
-        <<<grid, kThreads, 0, stream>>>(gt, xt, bt, wt, ct, multiply_by_inputs, rt, pt, S, B, D);
+        <<<grid, kThreads, 0, stream>>>(gt, xt, bt, wt, ct, multiply_by_inputs, rt, pt, S, B, D, tiles);
   } else {
     ig_accumulate_kernel<T, 1>
-        <<<grid, kThreads, 0, stream>>>(gt, xt, bt, wt, ct, multiply_by_inputs, rt, pt, S, B, D);
+        <<<grid, kThreads, 0, stream>>>(gt, xt, bt, wt, ct, multiply_by_inputs, rt, pt, S, B, D, tiles);
   }
   return cudaGetLastError();
 }

@@ -23,8 +23,8 @@ cudaError_t ig_accumulate(DType dtype, const void* grads, const void* x, const v
                           const void* acc, bool multiply_by_inputs, void* attr, void* partial, int64_t S, int64_t B,
                           int64_t D, cudaStream_t stream);
 
-// Blocks per example of ig_accumulate (each walks its share of the D elements): enough to fill the GPU for small
-// batches, few enough that the partial sums stay small.
+// Tiles per example of ig_accumulate, one warp each: about 1024 elements a tile, at most 256 tiles (a warp then
+// walks a larger share of a big example).
 inline int64_t ig_accumulate_tiles(int64_t D) {
   const int64_t tiles = (D + 1023) / 1024;
   return tiles < 1 ? 1 : tiles > 256 ? 256 : tiles;

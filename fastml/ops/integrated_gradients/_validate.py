@@ -5,6 +5,11 @@ from fastml import _backend
 from fastml.ops.integrated_gradients import quadrature
 
 
+def is_adaptive(rtol, atol):
+    """Adaptive mode: either tolerance turns it on (rtol None with atol > 0 means rtol = 0)."""
+    return rtol is not None or atol > 0
+
+
 def check_options(*, n_steps, method, internal_batch_size, rtol, atol, max_steps, backend):
     quadrature.check_method(method, n_steps)
     if internal_batch_size is not None and (isinstance(internal_batch_size, bool) or
@@ -14,7 +19,7 @@ def check_options(*, n_steps, method, internal_batch_size, rtol, atol, max_steps
         raise ValueError(f"rtol must be None or a number >= 0, got {rtol!r}")
     if isinstance(atol, bool) or not isinstance(atol, numbers.Real) or not atol >= 0:
         raise ValueError(f"atol must be a number >= 0, got {atol!r}")
-    if rtol is not None or atol > 0:  # adaptive mode (either tolerance turns it on)
+    if is_adaptive(rtol, atol):
         if rtol == 0 and atol == 0:
             raise ValueError("rtol and atol cannot both be 0 (no rule meets a zero tolerance)")
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < n_steps:

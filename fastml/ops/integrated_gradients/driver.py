@@ -14,6 +14,7 @@ import warnings
 import torch
 
 from fastml.ops.integrated_gradients import path, quadrature
+from fastml.ops.integrated_gradients._validate import is_adaptive
 from fastml.ops.integrated_gradients.reference import acc_dtype
 
 # A chunk's scaled inputs are sized to this many bytes (the model's activations scale with them, and on a CPU a
@@ -66,7 +67,7 @@ def run(problem, *, method, n_steps, internal_batch_size, multiply_by_inputs, wa
     batch = inputs[0].shape[0]
     device = inputs[0].device
     dtype = acc_dtype(inputs[0].dtype)
-    adaptive = rtol is not None or atol > 0  # atol alone asks for adaptive mode with rtol = 0
+    adaptive = is_adaptive(rtol, atol)
     rtol = 0.0 if rtol is None else rtol
     levels = quadrature.nested_levels(method, n_steps, max_steps) if adaptive else [quadrature.rule(method, n_steps)]
     rows_planned = n_steps * batch + (2 * batch if want_delta or adaptive else 0)

@@ -89,7 +89,7 @@ def causal_linear_attention(q, k, v, *, feature_map=None, normalize=True, eps=1e
     """
     check_feature_map(feature_map)
     check_qkv(q, k, v, causal=True)
-    check_scalars(normalize=normalize, eps=eps, scale=scale, output_final_state=output_final_state)
+    eps, scale = check_scalars(normalize=normalize, eps=eps, scale=scale, output_final_state=output_final_state)
     q, k, code = _map_callable(q, k, feature_map)
     if feature_map is not None and callable(feature_map):
         check_qkv(q, k, v, causal=True, after_map=True)
@@ -128,7 +128,7 @@ def linear_attention_step(q, k, v, state, *, feature_map=None, normalize=True, e
     """
     check_feature_map(feature_map)
     check_qkv(q, k, v, causal=False, step=True)
-    check_scalars(normalize=normalize, eps=eps, scale=scale)
+    eps, scale = check_scalars(normalize=normalize, eps=eps, scale=scale)
     q, k, code = _map_callable(q, k, feature_map)
     if feature_map is not None and callable(feature_map):
         check_qkv(q, k, v, causal=False, step=True, after_map=True)
@@ -168,7 +168,7 @@ def linear_attention(q, k, v, *, feature_map=None, normalize=True, eps=1e-6, sca
     """
     check_feature_map(feature_map)
     check_qkv(q, k, v, causal=False)
-    check_scalars(normalize=normalize, eps=eps, scale=scale)
+    eps, scale = check_scalars(normalize=normalize, eps=eps, scale=scale)
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor):
             raise TypeError(f"key_padding_mask must be a bool tensor, got {type(key_padding_mask).__name__}")

@@ -46,6 +46,7 @@ def check_qkv(q, k, v, *, causal, step=False, after_map=False):
 
 
 def check_scalars(*, normalize, eps, scale, output_final_state=False):
+    """Returns (eps, scale) as Python floats (a numpy or fractions value is accepted as any real number)."""
     for value, name in ((normalize, "normalize"), (output_final_state, "output_final_state")):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
@@ -56,6 +57,7 @@ def check_scalars(*, normalize, eps, scale, output_final_state=False):
         raise ValueError(f"eps must be >= 0, got {eps}")
     if scale != scale or scale in (float("inf"), float("-inf")):
         raise ValueError(f"scale must be finite, got {scale}")
+    return float(eps), float(scale)
 
 
 def check_state(state, name, shape, dtype, device):
