@@ -15,16 +15,18 @@ CUDA_SRC := $(wildcard csrc/cuda/*.cu) $(wildcard csrc/cuda/*.cuh) $(wildcard cs
 
 .PHONY: test bench cuda-check gpu-build test-gpu bench-gpu lint clean install
 
-# Set-up: the venv and its packages once (the stamp names the torch asked for), then the package itself,
-# rebuilt only when a C++ source changes (ninja keeps the build incremental).
-$(VENV)/.deps-stamp: Makefile
+# Set-up: the venv and its packages once per torch asked for (the stamp's name carries TORCH, so
+# `make test TORCH=...` installs that torch), then the package itself, rebuilt only when a C++ source changes
+# (ninja keeps the build incremental).
+DEPS_STAMP := $(VENV)/.deps-$(shell printf '%s' '$(TORCH)' | tr -c 'A-Za-z0-9.=' '_')
+$(DEPS_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned, in the same command as captum, so that pip never fetches a different torch.
 	$(PY) -m pip install -q "$(TORCH)" $(DEPS)
 	touch $@
 
-$(VENV)/.build-stamp: $(VENV)/.deps-stamp $(CSRC)
+$(VENV)/.build-stamp: $(DEPS_STAMP) $(CSRC)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
