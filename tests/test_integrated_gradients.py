@@ -330,3 +330,19 @@ def test_completeness_property(seed, batch, scale):
     diff = model(x)[:, seed % 4] - model(base.expand_as(x))[:, seed % 4]
     assert_close(attr.sum(1), diff, rtol=1e-8, atol=1e-10)
     assert_close(delta, attr.sum(1) - diff, rtol=1e-9, atol=1e-12)
+
+
+def test_layer_ig_errors_name_the_argument():
+    model = TextModel().double()
+    ids = torch.randint(1, 20, (2, 4))
+    with pytest.raises(TypeError, match="layer"):
+        fastml.LayerIntegratedGradients(model, "emb")
+    with pytest.raises(ValueError, match="layer"):
+        fastml.LayerIntegratedGradients(model, nn.Linear(2, 2)).attribute(ids, target=0)  # never called
+    lig = fastml.LayerIntegratedGradients(model, model.emb)
+    with pytest.raises(TypeError, match="grad_kwargs"):
+        lig.attribute(ids, target=0, grad_kwargs=[("retain_graph", True)])
+    with pytest.raises(IndexError, match="target"):
+        lig.attribute(ids, target=3)
+    with pytest.raises(ValueError, match="n_steps"):
+        lig.attribute(ids, target=0, n_steps=0)
