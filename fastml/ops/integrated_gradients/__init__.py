@@ -36,7 +36,7 @@ class IGProblem:
 
     def endpoint_outputs(self):
         with torch.no_grad():
-            return self._evaluate(self.inputs), self._evaluate(tuple(b.contiguous() for b in self.baselines))
+            return self._evaluate(self.inputs), self._evaluate(self.baselines)
 
 
 def integrated_gradients(forward_func, inputs, baselines=None, target=None, *, additional_forward_args=None,
@@ -68,10 +68,11 @@ def integrated_gradients(forward_func, inputs, baselines=None, target=None, *, a
     batch = _args.check_inputs(inputs, floating=True)
     check_options(n_steps=n_steps, method=method, internal_batch_size=internal_batch_size, rtol=rtol, atol=atol,
                   max_steps=max_steps, backend=backend)
-    baselines = _args.format_baselines(baselines, inputs)
+    # Dense once here (O(size of inputs)), rather than a copy of a broadcast baseline in every kernel call.
+    baselines = tuple(b.contiguous() for b in _args.format_baselines(baselines, inputs))
     _args.check_target(target, batch)
     additional = _args.format_additional(additional_forward_args)
-    problem = IGProblem(forward_func, tuple(x.detach() for x in inputs), baselines, target, additional)
+    problem = IGProblem(forward_func, tuple(x.detach().contiguous() for x in inputs), baselines, target, additional)
     attrs, delta = driver.run(problem, method=method, n_steps=n_steps, internal_batch_size=internal_batch_size,
                               multiply_by_inputs=multiply_by_inputs, want_delta=return_convergence_delta,
                               rtol=rtol, atol=atol, max_steps=max_steps, progress=progress, backend=backend)
