@@ -191,11 +191,11 @@ def _register():
     for op in (OP, STEP_OP, NONCAUSAL_OP):
         _backend.register(op, _backend.Backend("reference"))
         _backend.register(op, _backend.Backend("cpp"))
-        _backend.register(op, _backend.Backend("cuda", supports=_head_dims_up_to_256))
+        _backend.register(op, _backend.Backend("cuda", supports=_kernel_head_dims))
         _backend.register(op, _backend.Backend("triton", supports=_triton_supports))
 
 
-def _head_dims_up_to_256(call):
+def _kernel_head_dims(call):
     K, V = call.options.get("K", 1), call.options.get("V", 1)
     if not (1 <= K <= 256 and 1 <= V <= 256):
         return f"its kernels take head dims K, V from 1 to 256, got K = {K}, V = {V}"
@@ -205,7 +205,7 @@ def _head_dims_up_to_256(call):
 def _triton_supports(call):
     if call.dtype == torch.float64:
         return "the triton kernels compute in float32; float64 inputs are served by the cpp/cuda/reference backends"
-    reason = _head_dims_up_to_256(call)
+    reason = _kernel_head_dims(call)
     if reason is not None:
         return reason
     if call.device.type == "cpu" and call.dtype == torch.bfloat16:
