@@ -163,7 +163,8 @@ def test_layouts_match_reference(case):
 
 @pytest.mark.parametrize("backend", KERNELS)
 def test_integrated_gradients_through_each_backend(backend):
-    # The driver passes broadcast baselines (None and scalars become expanded zeros) and the model's gradients.
+    # Tuple inputs (one of them a transposed view), default, scalar and broadcast baselines, and the model's own
+    # gradients, through the whole driver.
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     x = (torch.randn(5, 6), torch.randn(5, 2, 3).transpose(1, 2))

@@ -40,14 +40,14 @@ class CausalLinearAttention(nn.Module):
         q, k, v = self.qkv_proj(x).view(*lead, 3, self.num_heads, self.head_dim).unbind(-3)
         return q, k, v
 
-    def _check(self, x, name, layout):
+    def _check(self, x, name, ndim, layout):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor {layout}, got {getattr(x, 'dtype', type(x).__name__)}")
-        if x.dim() != len(layout.split(",")) or x.shape[-1] != self.embed_dim:
+        if x.dim() != ndim or x.shape[-1] != self.embed_dim:
             raise ValueError(f"{name} must be {layout}, got shape {list(x.shape)}")
 
     def forward(self, x, state=None, return_state=False):
-        self._check(x, "x", f"[B, T, {self.embed_dim}]")
+        self._check(x, "x", 3, f"[B, T, {self.embed_dim}]")
         B, T, _ = x.shape
         q, k, v = (t.transpose(1, 2) for t in self._heads(x))
         o, new_state = causal_linear_attention(q, k, v, feature_map=self.feature_map, eps=self.eps,
@@ -56,7 +56,7 @@ class CausalLinearAttention(nn.Module):
         return (y, new_state) if return_state else y
 
     def step(self, x_t, state=None):
-        self._check(x_t, "x_t", f"[B, {self.embed_dim}]")
+        self._check(x_t, "x_t", 2, f"[B, {self.embed_dim}]")
         q, k, v = self._heads(x_t)
         o, new_state = linear_attention_step(q, k, v, state, feature_map=self.feature_map, eps=self.eps)
         return self.out_proj(o.reshape(x_t.shape[0], self.embed_dim)), new_state
