@@ -1,36 +1,19 @@
 """fastml: fused kernels for PyTorch.
 
-Every op takes `backend="auto"` ("reference", "cpp", "triton", "cuda"); see ARCHITECTURE.md and each op's README.
+Every op takes `backend="auto"` ("reference", "cpp", "triton", "cuda"); `fastml.backends()` says which this
+machine has. The public functions of every op package under fastml/ops (its `__all__`) are re-exported here;
+docs/api.md documents them and docs/architecture.md how the pieces fit.
 """
+from fastml import _library
 from fastml._backend import BackendUnavailable, backends
-from fastml.ops.integrated_gradients import (
-    IntegratedGradients,
-    LayerIntegratedGradients,
-    ig_accumulate,
-    ig_scale_inputs,
-    integrated_gradients,
-)
-from fastml.ops.linear_attention import (
-    LinearAttentionState,
-    causal_linear_attention,
-    linear_attention,
-    linear_attention_step,
-)
-from fastml import kernels as _kernels  # noqa: F401  (registers the Triton ops where triton is installed)
-from fastml import nn  # noqa: E402
 
-__all__ = [
-    "BackendUnavailable",
-    "backends",
-    "IntegratedGradients",
-    "LayerIntegratedGradients",
-    "ig_accumulate",
-    "ig_scale_inputs",
-    "integrated_gradients",
-    "LinearAttentionState",
-    "causal_linear_attention",
-    "linear_attention",
-    "linear_attention_step",
-    "nn",
-]
 __version__ = "0.1.0"
+
+__all__ = ["BackendUnavailable", "backends", "nn"]
+for _package in _library.load():
+    for _name in _package.__all__:
+        globals()[_name] = getattr(_package, _name)
+        __all__.append(_name)
+del _package, _name
+
+from fastml import nn  # noqa: E402

@@ -1,17 +1,25 @@
-"""Backend registry and selection (ARCHITECTURE.md, "Backend selection").
+"""Backend registry and selection (docs/architecture.md, "Backends").
 
-Each op registers its backends with `register(op, Backend(name, ...))` and maps the chosen name to its torch ops. A backend declares the devices and dtypes it
-serves and answers `why_not(call)`; `select(op, call, backend)` returns the backend that serves a call or raises
-BackendUnavailable with the reason.
+Two things are declared here and nowhere else:
+
+- A backend *kind* (`Kind`): reference, cpp, triton or cuda. It knows whether this machine can run it at all
+  (the extension is built, triton imports), which devices it serves, and which of those `auto` may pick. Every
+  device and interpreter rule lives in its `device_error`.
+- A registered *backend* (`Backend`): one kind's implementation of one op. It carries the implementation itself
+  (`impl`: whatever the op's code calls, e.g. a NamedTuple of forward/backward/step callables), the dtypes it
+  serves and an optional `supports(call)` for the op's own limits (head dims, shared memory, ...).
+
+`select(op, call, backend)` returns the `Backend` that serves the call; the op then runs `chosen.impl`. No code
+outside this module compares backend names.
 """
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 ENV_VAR = "FASTML_BACKEND"
-BACKEND_NAMES = ("reference", "cpp", "triton", "cuda")
+ALL_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class BackendUnavailable(RuntimeError):
@@ -59,104 +67,126 @@ def triton_cpu_error():
     return None if TRITON_INTERPRET else "triton serves CPU tensors only under TRITON_INTERPRET=1"
 
 
-def _cpp_available():
+def _extension_error():
     from fastml._ext import load_error
 
     return load_error()
 
 
-def _cuda_available():
-    from fastml._ext import has_cuda_ops, load_error
+def _cuda_extension_error():
+    from fastml._ext import has_cuda_ops
 
-    err = load_error()
-    if err is not None:
-        return err
-    if not has_cuda_ops():
-        return "fastml._C was built without the CUDA kernels (torch without CUDA, or nvcc missing at build time)"
+    err = _extension_error()
+    if err is None and not has_cuda_ops():
+        err = "fastml._C was built without the CUDA kernels (torch without CUDA, or nvcc missing at build time)"
+    return err
+
+
+def _triton_device_error(device_type):
+    if device_type == "cpu":
+        return triton_cpu_error()
+    if TRITON_INTERPRET:
+        return "TRITON_INTERPRET=1 is set, so triton runs on CPU tensors only"
     return None
 
 
-def _triton_available():
-    return triton_import_error()
-
-
-MACHINE_CHECKS = {
-    "reference": lambda: None,
-    "cpp": _cpp_available,
-    "cuda": _cuda_available,
-    "triton": _triton_available,
-}
-DEFAULT_DEVICES = {
-    "reference": ("cpu", "cuda"),
-    "cpp": ("cpu",),
-    "cuda": ("cuda",),
-    "triton": ("cuda", "cpu"),
-}
-ALL_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-@dataclass
-class Backend:
-    """One implementation of an op. `supports(call)` returns a reason it cannot serve the call, or None."""
+@dataclass(frozen=True)
+class Kind:
+    """A kind of backend. `machine_error()` says why this machine cannot run it at all (None: it can);
+    `device_error(device_type)` adds rules for one device type; `auto_devices` are the device types on which
+    backend="auto" may pick it (the others need the backend named)."""
 
     name: str
-    dtypes: tuple = ALL_FLOATS
-    devices: Optional[tuple] = None
-    supports: Optional[Callable[[Call], Optional[str]]] = None
+    devices: tuple
+    auto_devices: tuple
+    machine_error: Callable[[], Optional[str]] = lambda: None
+    device_error: Callable[[str], Optional[str]] = lambda device_type: None
 
-    def why_not(self, call: Call) -> Optional[str]:
-        reason = MACHINE_CHECKS[self.name]()
+    def why_not(self, device_type: str) -> Optional[str]:
+        reason = self.machine_error()
         if reason is not None:
             return reason
-        devices = self.devices or DEFAULT_DEVICES[self.name]
-        if call.device.type not in devices:
-            return f"it runs on {'/'.join(devices)} tensors, not {call.device.type}"
-        if self.name == "triton" and call.device.type == "cpu" and triton_cpu_error() is not None:
-            return triton_cpu_error()
-        if self.name == "triton" and call.device.type == "cuda" and triton_interpret():
-            return "TRITON_INTERPRET=1 is set, so triton runs on CPU tensors only"
-        if call.dtype not in self.dtypes:
-            return f"it does not support dtype {call.dtype}"
-        if self.supports is not None:
-            return self.supports(call)
-        return None
+        if device_type not in self.devices:
+            return f"it runs on {'/'.join(self.devices)} tensors, not {device_type}"
+        return self.device_error(device_type)
 
 
-_REGISTRY: dict = {}
-# Order tried by backend="auto". The CUDA order is per op (set from the op's benchmarks, see its README).
-_PRIORITY: dict = {}
+KINDS = {k.name: k for k in (
+    Kind("reference", devices=("cpu", "cuda"), auto_devices=("cpu", "cuda")),
+    Kind("cpp", devices=("cpu",), auto_devices=("cpu",), machine_error=_extension_error),
+    # triton serves CPU tensors only under the interpreter, and only when named (it is a test vehicle there).
+    Kind("triton", devices=("cuda", "cpu"), auto_devices=("cuda",), machine_error=triton_import_error,
+         device_error=_triton_device_error),
+    Kind("cuda", devices=("cuda",), auto_devices=("cuda",), machine_error=_cuda_extension_error),
+)}
+BACKEND_NAMES = tuple(KINDS)
+# Order tried by backend="auto" unless an op sets its own (set_priority); every list ends with the reference.
 DEFAULT_PRIORITY = {"cpu": ("cpp", "reference"), "cuda": ("triton", "cuda", "reference")}
 
 
+@dataclass(frozen=True)
+class Backend:
+    """One kind's implementation of one op: `impl` is what the op runs."""
+
+    kind: str
+    impl: Any
+    dtypes: tuple = ALL_FLOATS
+    supports: Optional[Callable[[Call], Optional[str]]] = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown backend kind {self.kind!r}; kinds are {BACKEND_NAMES}")
+
+    @property
+    def name(self) -> str:
+        return self.kind
+
+    def why_not(self, call: Call) -> Optional[str]:
+        reason = KINDS[self.kind].why_not(call.device.type)
+        if reason is not None:
+            return reason
+        if call.dtype not in self.dtypes:
+            return f"it does not support dtype {call.dtype}"
+        return None if self.supports is None else self.supports(call)
+
+
+_REGISTRY: dict = {}
+_PRIORITY: dict = {}
+
+
 def register(op: str, backend: Backend):
-    _REGISTRY.setdefault(op, {})[backend.name] = backend
+    """Registers `backend` for `op` (a second registration of the same kind replaces the first)."""
+    _REGISTRY.setdefault(op, {})[backend.kind] = backend
 
 
 def set_priority(op: str, device_type: str, order: tuple):
-    if order[-1] != "reference":
+    """The order in which backend="auto" tries the backends of `op` on `device_type` (set from the op's
+    measurements); it must end with 'reference', so that every valid call is served."""
+    if not order or order[-1] != "reference":
         raise ValueError("a priority list must end with 'reference'")
+    unknown = [n for n in order if n not in KINDS]
+    if unknown:
+        raise ValueError(f"unknown backend kinds {unknown} in the priority list; kinds are {BACKEND_NAMES}")
     _PRIORITY[(op, device_type)] = tuple(order)
 
 
 def _priority(op, device_type):
     order = _PRIORITY.get((op, device_type)) or DEFAULT_PRIORITY.get(device_type, ("reference",))
-    if device_type == "cpu":
-        # triton serves CPU tensors only when named explicitly (and TRITON_INTERPRET=1).
-        order = tuple(n for n in order if n != "triton")
-    return order
+    return tuple(n for n in order if device_type in KINDS[n].auto_devices)
 
 
-def _check_name(name, argname):
+def check_name(name, argname="backend"):
+    """Raises ValueError unless `name` is 'auto' or a backend kind."""
     if not isinstance(name, str) or name not in BACKEND_NAMES + ("auto",):
         raise ValueError(f"{argname} must be 'auto' or one of {BACKEND_NAMES}, got {name!r}")
 
 
 def select(op: str, call: Call, backend: str = "auto") -> Backend:
-    """The backend that serves `call`; `backend` is the caller's `backend=` argument."""
-    _check_name(backend, "backend")
+    """The backend that serves `call`; `backend` is the caller's `backend=` argument. Run `.impl` of the result."""
+    check_name(backend, "backend")
     if backend == "auto":
         env = os.environ.get(ENV_VAR, "auto") or "auto"
-        _check_name(env, ENV_VAR)
+        check_name(env, ENV_VAR)
         backend = env
     table = _REGISTRY[op]
     if backend != "auto":
@@ -177,18 +207,44 @@ def select(op: str, call: Call, backend: str = "auto") -> Backend:
     raise BackendUnavailable(f"no backend can serve this {op} call ({'; '.join(reasons)})")
 
 
-def backends():
-    """{name: (available, reason_or_None)} for this machine, whatever the op."""
+def _machine_reason(name):
+    """Why backend kind `name` cannot run any call on this machine (None: it can run some)."""
+    kind = KINDS[name]
+    reason = kind.machine_error()
+    if reason is not None:
+        return reason
+    usable = [d for d in kind.devices if d == "cpu" or torch.cuda.is_available()]
+    if not usable:
+        return "no CUDA device"
+    device_reasons = [kind.device_error(d) for d in usable]
+    if all(r is not None for r in device_reasons):
+        return "; ".join(device_reasons)
+    return None
+
+
+def backends(op: Optional[str] = None):
+    """{name: (available, reason_or_None)} for this machine.
+
+    Without `op`: every backend kind. With `op` (e.g. "causal_linear_attention"): only the backends that op
+    registers, each unavailable when its kind cannot run here. A kind that is available may still refuse a
+    given call (dtype, device, sizes): `backend=` then raises BackendUnavailable with the reason.
+    """
+    if op is None:
+        names = BACKEND_NAMES
+    else:
+        if op not in _REGISTRY:
+            raise ValueError(f"op must be one of {sorted(_REGISTRY)}, got {op!r}")
+        names = tuple(n for n in BACKEND_NAMES if n in _REGISTRY[op])
     out = {}
-    for name in BACKEND_NAMES:
-        reason = MACHINE_CHECKS[name]()
-        if reason is None and name == "triton":
-            if not torch.cuda.is_available() and not triton_interpret():
-                reason = "no CUDA device (and TRITON_INTERPRET=1 is not set)"
-        if reason is None and name == "cuda" and not torch.cuda.is_available():
-            reason = "no CUDA device"
+    for name in names:
+        reason = _machine_reason(name)
         out[name] = (reason is None, reason)
     return out
+
+
+def ops():
+    """The names of the ops that registered backends."""
+    return sorted(_REGISTRY)
 
 
 def op_backends(op: str):

@@ -1,7 +1,12 @@
-"""Triton kernels, installed as fastml.kernels. Importing this package registers the Triton torch ops
-(fastml::<op>_{fwd,bwd}_triton) when triton is installed; without triton it registers nothing and the triton
-backend reports why it is unavailable."""
+"""Triton kernels, installed as fastml.kernels. Importing this package imports every kernel module in it, and
+each registers its launchers as the triton twins of its op's kernel ops (fastml::<op>_*_triton). Without triton it
+imports nothing and the triton backend reports why it is unavailable."""
+import importlib
+import pkgutil
+
 from fastml._backend import triton_import_error
 
 if triton_import_error() is None:
-    from fastml.kernels import integrated_gradients, linear_attention  # noqa: F401
+    for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        importlib.import_module(f"{__name__}.{_info.name}")
+

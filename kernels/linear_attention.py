@@ -1,21 +1,21 @@
-"""Triton kernels for causal linear attention: the chunked forward, the decode step, and the torch ops
-fastml::linear_attention_{fwd,bwd,step}_triton (the backward kernels are in linear_attention_bwd.py).
+"""Triton kernels for causal linear attention: the chunked forward, the decode step, and the launchers of the
+torch ops fastml::linear_attention_{fwd,bwd,step}_triton (the backward kernels are in linear_attention_bwd.py).
 
 Forward: one program per (sequence, head, value tile) walks its sequence in chunks of BT tokens, keeping the
 running state S [K, BV] and normalizer z [K] in float32 on chip; only the final state is written out. Per chunk,
 with A = mask(q' k'^T):  o = A v + q' S,  den = rowsum(A) + q'.z + eps,  then S += k'^T v and z += sum k'.
 States are float32; float64 inputs are served by the other backends (the `triton` backend refuses them).
+The launchers are registered as the kernels of the ops declared in fastml/ops/linear_attention/schema.py.
 """
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
 from fastml.kernels.common import (autotune, device_of, dot_types, feature_map, features, load_tile, masked_colsum,
                                    pow2, segment, store_tile)
+from fastml._library import implement
 from fastml.kernels.linear_attention_bwd import linear_attention_bwd
-from fastml.ops.linear_attention import fake_bwd, fake_fwd
+from fastml.ops.linear_attention.schema import FWD
 
 
 def _fwd_configs():
@@ -39,8 +39,10 @@ def _fwd_kernel(q, k, v, kv0, z0, cu, o, kv, z, den, T, H, K: tl.constexpr, V: t
                 eps, scale, FMAP: tl.constexpr, NORMALIZE: tl.constexpr, HAS_STATE: tl.constexpr,
                 VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
                 BV: tl.constexpr):
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
+    # Grid: (sequences x heads, value tiles): the batch-sized count on axis 0, which takes up to 2^31 - 1
+    # programs (axes 1 and 2 stop at 65535).
+    i_nh = tl.program_id(0)
+    i_v = tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
     b, bos, eos = segment(cu, i_n, T, VARLEN)
@@ -89,8 +91,9 @@ def _fwd_kernel(q, k, v, kv0, z0, cu, o, kv, z, den, T, H, K: tl.constexpr, V: t
 @triton.jit
 def _step_kernel(q, k, v, kv0, z0, o, kv, z, H, K: tl.constexpr, V: tl.constexpr, eps, scale,
                  FMAP: tl.constexpr, NORMALIZE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    i_v = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    # Grid: (batch x heads, value tiles), the large count on axis 0 as in the forward.
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_v = tl.program_id(1)
     ok = tl.arange(0, BK)
     ov = i_v * BV + tl.arange(0, BV)
     mk = ok < K
@@ -113,15 +116,39 @@ def _step_kernel(q, k, v, kv0, z0, o, kv, z, H, K: tl.constexpr, V: tl.constexpr
         tl.store(z + i_bh * K + ok, zs, mask=mk)
 
 
-def _fwd_impl(q, k, v, kv0, z0, cu_seqlens, feature_map, normalize, eps, scale):
-    o, kv, z, den = fake_fwd(q, k, v, cu_seqlens)
+def _check_cu_seqlens(cu_seqlens, T):
+    """The values of cu_seqlens (0 first, non-decreasing, T last), checked in the launchers because a compiled
+    caller skips the Python-side checks (torch.compile treats the op as opaque). On a GPU without a host sync:
+    torch._assert_async fails at a later synchronizing call, and the kernels clamp every segment to [0, T]
+    meanwhile, so a bad value never reads or writes out of bounds. On the CPU (the interpreter) a ValueError."""
+    if cu_seqlens is None or cu_seqlens.numel() == 0:
+        return
+    if cu_seqlens.is_cuda:
+        ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == T) & (cu_seqlens.diff() >= 0).all()
+        torch._assert_async(ok, f"cu_seqlens must start at 0, be non-decreasing and end at T = {T}")
+        return
+    vals = cu_seqlens.tolist()
+    if vals[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {vals[0]}")
+    if vals[-1] != T:
+        raise ValueError(f"cu_seqlens must end at the sequence length T = {T}, got {vals[-1]}")
+    bad = next((i for i in range(len(vals) - 1) if vals[i + 1] < vals[i]), None)
+    if bad is not None:
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {vals[bad]} then {vals[bad + 1]} at index {bad}")
+
+
+@implement("linear_attention_fwd", "triton")
+def linear_attention_fwd_triton(q, k, v, kv0, z0, cu_seqlens, feature_map, normalize, eps, scale):
+    """Triton kernel of fastml::linear_attention_fwd_triton (schema.py): (o, kv, z, den)."""
+    o, kv, z, den = FWD.fake(q, k, v, kv0, z0, cu_seqlens, feature_map, normalize, eps, scale)
     B, H, T, K = q.shape
     V = v.shape[-1]
     N = kv.shape[0]
+    _check_cu_seqlens(cu_seqlens, T)
     if N * H == 0:
         return o, kv, z, den
     dt, prec = dot_types(q.dtype)
-    grid = lambda meta: (triton.cdiv(V, meta["BV"]), N * H)  # noqa: E731
+    grid = lambda meta: (N * H, triton.cdiv(V, meta["BV"]))  # noqa: E731
     with device_of(q):
         _fwd_kernel[grid](q, k, v, kv0, z0, cu_seqlens, o, kv, z, den, T, H, K, V, eps, scale,
                           FMAP=feature_map, NORMALIZE=normalize, HAS_STATE=kv0 is not None,
@@ -129,41 +156,17 @@ def _fwd_impl(q, k, v, kv0, z0, cu_seqlens, feature_map, normalize, eps, scale):
     return o, kv, z, den
 
 
-@torch.library.custom_op("fastml::linear_attention_fwd_triton", mutates_args=())
-def linear_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv0: Optional[torch.Tensor],
-                                z0: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], feature_map: int,
-                                normalize: bool, eps: float, scale: float
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton twin of fastml::linear_attention_fwd (csrc/fastml.cpp): (o, kv, z, den)."""
-    return _fwd_impl(q, k, v, kv0, z0, cu_seqlens, feature_map, normalize, eps, scale)
-
-
-@linear_attention_fwd_triton.register_fake
-def _(q, k, v, kv0, z0, cu_seqlens, feature_map, normalize, eps, scale):
-    return fake_fwd(q, k, v, cu_seqlens)
-
-
-@torch.library.custom_op("fastml::linear_attention_bwd_triton", mutates_args=())
-def linear_attention_bwd_triton(grad_o: torch.Tensor, grad_kv: Optional[torch.Tensor],
-                                grad_z: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                o: torch.Tensor, den: torch.Tensor, kv0: Optional[torch.Tensor],
-                                z0: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], feature_map: int,
-                                normalize: bool, eps: float, scale: float
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@implement("linear_attention_bwd", "triton")
+def linear_attention_bwd_triton(grad_o, grad_kv, grad_z, q, k, v, o, den, kv0, z0, cu_seqlens, feature_map,
+                                normalize, eps, scale):
     """Triton twin of fastml::linear_attention_bwd: (dq, dk, dv, dkv0, dz0)."""
+    _check_cu_seqlens(cu_seqlens, q.shape[2])
     return linear_attention_bwd(grad_o, grad_kv, grad_z, q, k, v, o, den, kv0, z0, cu_seqlens, feature_map,
                                 normalize, scale)
 
 
-@linear_attention_bwd_triton.register_fake
-def _(grad_o, grad_kv, grad_z, q, k, v, o, den, kv0, z0, cu_seqlens, feature_map, normalize, eps, scale):
-    return fake_bwd(q, k, v, cu_seqlens)
-
-
-@torch.library.custom_op("fastml::linear_attention_step_triton", mutates_args=())
-def linear_attention_step_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
-                                 z: torch.Tensor, feature_map: int, normalize: bool, eps: float, scale: float
-                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@implement("linear_attention_step", "triton")
+def linear_attention_step_triton(q, k, v, kv, z, feature_map, normalize, eps, scale):
     """Triton twin of fastml::linear_attention_step: one token, (o [B,H,V], kv', z')."""
     B, H, K = q.shape
     V = v.shape[-1]
@@ -172,11 +175,6 @@ def linear_attention_step_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         return o, kv_new, z_new
     BV = min(pow2(V), 64)
     with device_of(q):
-        _step_kernel[(triton.cdiv(V, BV), B * H)](q, k, v, kv, z, o, kv_new, z_new, H, K, V, eps, scale,
+        _step_kernel[(B * H, triton.cdiv(V, BV))](q, k, v, kv, z, o, kv_new, z_new, H, K, V, eps, scale,
                                                   FMAP=feature_map, NORMALIZE=normalize, BK=pow2(K), BV=BV)
     return o, kv_new, z_new
-
-
-@linear_attention_step_triton.register_fake
-def _(q, k, v, kv, z, feature_map, normalize, eps, scale):
-    return torch.empty_like(v), torch.empty_like(kv), torch.empty_like(z)

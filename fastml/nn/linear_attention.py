@@ -68,3 +68,5 @@ class CausalLinearAttention(nn.Module):
         shape = (batch_size, self.num_heads, self.head_dim)
         return LinearAttentionState(w.new_zeros(*shape, self.head_dim, dtype=sd, device=device),
                                     w.new_zeros(*shape, dtype=sd, device=device))
+
+__all__ = ["CausalLinearAttention"]

@@ -4,10 +4,7 @@ Both functions follow the schemas of fastml::ig_scale_inputs and fastml::ig_accu
 """
 import torch
 
-
-def acc_dtype(dtype):
-    """Accumulation dtype of a path computation: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from fastml._numerics import acc_dtype
 
 
 def ig_scale_inputs(inputs, baselines, alphas):

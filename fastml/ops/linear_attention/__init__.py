@@ -5,12 +5,13 @@ Backends: `reference` (reference.py), `cpp` (csrc/cpu/linear_attention.cpp) and 
 (kernels/linear_attention.py) behind fastml::linear_attention_{fwd,bwd,step}_triton. The maths and the decisions
 are in README.md beside this file.
 """
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple
 
 import torch
 
 from fastml import _backend
-from fastml.ops.linear_attention import reference
+from fastml._numerics import acc_dtype
+from fastml.ops.linear_attention import reference, schema  # noqa: F401  (schema declares the kernel ops)
 from fastml.ops.linear_attention._validate import (
     check_cu_seqlens,
     check_feature_map,
@@ -32,40 +33,67 @@ class LinearAttentionState(NamedTuple):
     z: torch.Tensor
 
 
-def _kernel_ops(name):
-    """(fwd, bwd, step) torch ops of a kernel backend. cpp and cuda share one op, dispatched by device."""
-    if name == "triton":
-        return (torch.ops.fastml.linear_attention_fwd_triton, torch.ops.fastml.linear_attention_bwd_triton,
-                torch.ops.fastml.linear_attention_step_triton)
-    return (torch.ops.fastml.linear_attention_fwd, torch.ops.fastml.linear_attention_bwd,
-            torch.ops.fastml.linear_attention_step)
+class _Impl(NamedTuple):
+    """What a linear-attention backend runs: `causal(q, k, v, kv0, z0, cu_seqlens, code, normalize, eps, scale)
+    -> (o, kv, z)`, differentiable, and `step(q, k, v, kv0, z0, code, normalize, eps, scale) -> (o, kv, z)`."""
+
+    causal: Callable
+    step: Callable
 
 
-class _CausalFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, kv0, z0, cu_seqlens, name, feature_map, normalize, eps, scale):
-        fwd = _kernel_ops(name)[0]
-        o, kv, z, den = fwd(q, k, v, kv0, z0, cu_seqlens, feature_map, normalize, eps, scale)
-        ctx.save_for_backward(q, k, v, o, den, kv0, z0, cu_seqlens)
-        ctx.args = (name, feature_map, normalize, eps, scale)
-        ctx.set_materialize_grads(False)
-        return o, kv, z
+def _kernel_impl(fwd, bwd, step):
+    """The implementation of a kernel backend from its three torch ops (fastml::linear_attention_* or their
+    triton twins): one autograd.Function over fwd/bwd, and the step op for decoding without gradients."""
 
-    @staticmethod
-    def backward(ctx, do, dkv, dz):
-        if torch.is_grad_enabled():
-            raise RuntimeError(f"double backward (create_graph=True) through the fastml {ctx.args[0]} linear-attention "
-                               "kernels is not supported; use backend='reference' for higher-order gradients")
-        q, k, v, o, den, kv0, z0, cu_seqlens = ctx.saved_tensors
-        name, feature_map, normalize, eps, scale = ctx.args
-        if do is None:
-            do = torch.zeros_like(o)
-        bwd = _kernel_ops(name)[1]
-        dq, dk, dv, dkv0, dz0 = bwd(do.contiguous(), None if dkv is None else dkv.contiguous(),
-                                    None if dz is None else dz.contiguous(), q, k, v, o, den, kv0, z0, cu_seqlens,
-                                    feature_map, normalize, eps, scale)
-        return (dq, dk, dv, dkv0 if kv0 is not None else None, dz0 if z0 is not None else None,
-                None, None, None, None, None, None)
+    class _CausalFn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, kv0, z0, cu_seqlens, feature_map, normalize, eps, scale):
+            o, kv, z, den = fwd(q, k, v, kv0, z0, cu_seqlens, feature_map, normalize, eps, scale)
+            ctx.save_for_backward(q, k, v, o, den, kv0, z0, cu_seqlens)
+            ctx.args = (feature_map, normalize, eps, scale)
+            ctx.set_materialize_grads(False)
+            return o, kv, z
+
+        @staticmethod
+        def backward(ctx, do, dkv, dz):
+            if torch.is_grad_enabled():
+                raise RuntimeError("double backward (create_graph=True) through the fastml linear-attention kernels "
+                                   "is not supported; use backend='reference' for higher-order gradients")
+            q, k, v, o, den, kv0, z0, cu_seqlens = ctx.saved_tensors
+            if do is None:
+                do = torch.zeros_like(o)
+            dq, dk, dv, dkv0, dz0 = bwd(do.contiguous(), None if dkv is None else dkv.contiguous(),
+                                        None if dz is None else dz.contiguous(), q, k, v, o, den, kv0, z0,
+                                        cu_seqlens, *ctx.args)
+            return (dq, dk, dv, dkv0 if kv0 is not None else None, dz0 if z0 is not None else None,
+                    None, None, None, None, None)
+
+    def causal(q, k, v, kv0, z0, cu_seqlens, code, normalize, eps, scale):
+        cu = None if cu_seqlens is None else cu_seqlens.to(torch.int64)
+        return _CausalFn.apply(q.contiguous(), k.contiguous(), v.contiguous(),
+                               None if kv0 is None else kv0.contiguous(), None if z0 is None else z0.contiguous(),
+                               cu, code, normalize, eps, scale)
+
+    def decode(q, k, v, kv0, z0, code, normalize, eps, scale):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, kv0, z0)):
+            # The differentiable path: the causal kernels on a sequence of one token.
+            o, kv, z = causal(q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), kv0, z0, None, code, normalize, eps,
+                              scale)
+            return o.squeeze(2), kv, z
+        return step(q.contiguous(), k.contiguous(), v.contiguous(), kv0.contiguous(), z0.contiguous(), code,
+                    normalize, eps, scale)
+
+    return _Impl(causal, decode)
+
+
+def _reference_causal(q, k, v, kv0, z0, cu_seqlens, code, normalize, eps, scale):
+    return reference.causal_linear_attention(q, k, v, feature_map=code, normalize=normalize, eps=eps, scale=scale,
+                                             initial_state=None if kv0 is None else (kv0, z0), cu_seqlens=cu_seqlens)
+
+
+def _reference_step(q, k, v, kv0, z0, code, normalize, eps, scale):
+    return reference.linear_attention_step(q, k, v, (kv0, z0), feature_map=code, normalize=normalize, eps=eps,
+                                           scale=scale)
 
 
 def _map_callable(q, k, feature_map):
@@ -98,21 +126,13 @@ def causal_linear_attention(q, k, v, *, feature_map=None, normalize=True, eps=1e
     n_seq = B
     if cu_seqlens is not None:
         n_seq = check_cu_seqlens(cu_seqlens, q)
-    sd = reference.state_dtype(q.dtype)
+    sd = acc_dtype(q.dtype)
     kv0 = z0 = None
     if initial_state is not None:
         kv0, z0 = check_state(initial_state, "initial_state", (n_seq, H, K, V), sd, q.device)
     call = _backend.Call(q.device, q.dtype, {"cu_seqlens": cu_seqlens is not None, "K": K, "V": V})
-    chosen = _backend.select(OP, call, backend)
-    if chosen.name == "reference":
-        o, kv, z = reference.causal_linear_attention(
-            q, k, v, feature_map=code, normalize=normalize, eps=eps, scale=scale,
-            initial_state=None if kv0 is None else (kv0, z0), cu_seqlens=cu_seqlens)
-    else:
-        cu = None if cu_seqlens is None else cu_seqlens.to(torch.int64)
-        o, kv, z = _CausalFn.apply(q.contiguous(), k.contiguous(), v.contiguous(),
-                                   None if kv0 is None else kv0.contiguous(), None if z0 is None else z0.contiguous(),
-                                   cu, chosen.name, code, bool(normalize), float(eps), float(scale))
+    impl = _backend.select(OP, call, backend).impl
+    o, kv, z = impl.causal(q, k, v, kv0, z0, cu_seqlens, code, bool(normalize), float(eps), float(scale))
     if output_final_state:
         return o, LinearAttentionState(kv, z)
     return o
@@ -134,27 +154,14 @@ def linear_attention_step(q, k, v, state, *, feature_map=None, normalize=True, e
         check_qkv(q, k, v, causal=False, step=True, after_map=True)
     B, H, K = q.shape
     V = v.shape[-1]
-    sd = reference.state_dtype(q.dtype)
+    sd = acc_dtype(q.dtype)
     if state is None:
         kv0, z0 = q.new_zeros(B, H, K, V, dtype=sd), q.new_zeros(B, H, K, dtype=sd)
     else:
         kv0, z0 = check_state(state, "state", (B, H, K, V), sd, q.device)
     call = _backend.Call(q.device, q.dtype, {"step": True, "K": K, "V": V})
-    chosen = _backend.select(STEP_OP, call, backend)
-    if chosen.name == "reference":
-        o, kv, z = reference.linear_attention_step(q, k, v, (kv0, z0), feature_map=code, normalize=normalize,
-                                                   eps=eps, scale=scale)
-        return o, LinearAttentionState(kv, z)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, kv0, z0))
-    if needs_grad:
-        # The differentiable path: the causal kernels on a sequence of one token.
-        o, kv, z = _CausalFn.apply(q.unsqueeze(2).contiguous(), k.unsqueeze(2).contiguous(),
-                                   v.unsqueeze(2).contiguous(), kv0.contiguous(), z0.contiguous(), None,
-                                   chosen.name, code, bool(normalize), float(eps), float(scale))
-        return o.squeeze(2), LinearAttentionState(kv, z)
-    step = _kernel_ops(chosen.name)[2]
-    o, kv, z = step(q.contiguous(), k.contiguous(), v.contiguous(), kv0.contiguous(), z0.contiguous(), code,
-                    bool(normalize), float(eps), float(scale))
+    impl = _backend.select(STEP_OP, call, backend).impl
+    o, kv, z = impl.step(q, k, v, kv0, z0, code, bool(normalize), float(eps), float(scale))
     return o, LinearAttentionState(kv, z)
 
 
@@ -163,8 +170,8 @@ def linear_attention(q, k, v, *, feature_map=None, normalize=True, eps=1e-6, sca
     """Non-causal linear attention: o = q' S / (q' . z + eps) with S = sum_s k'_s v_s^T, z = sum_s k'_s.
 
     q: [B, H, Tq, K]; k: [B, H, Tk, K]; v: [B, H, Tk, V]; key_padding_mask: [B, Tk] bool, True = padding to ignore.
-    This is two matrix products per head, which torch's own GEMMs already run at the machine's speed: every
-    backend computes it with the same composite torch code (README.md, "Decisions").
+    This is two matrix products per head, which torch's own GEMMs already run at the machine's speed, so it
+    has only the `reference` backend (README.md, "Decisions"): naming another raises BackendUnavailable.
     """
     check_feature_map(feature_map)
     check_qkv(q, k, v, causal=False)
@@ -182,17 +189,9 @@ def linear_attention(q, k, v, *, feature_map=None, normalize=True, eps=1e-6, sca
     q, k, code = _map_callable(q, k, feature_map)
     if feature_map is not None and callable(feature_map):
         check_qkv(q, k, v, causal=False, after_map=True)
-    _backend.select(NONCAUSAL_OP, _backend.Call(q.device, q.dtype), backend)
-    return reference.linear_attention(q, k, v, feature_map=code, normalize=normalize, eps=eps, scale=scale,
-                                      key_padding_mask=key_padding_mask)
-
-
-def _register():
-    for op in (OP, STEP_OP, NONCAUSAL_OP):
-        _backend.register(op, _backend.Backend("reference"))
-        _backend.register(op, _backend.Backend("cpp"))
-        _backend.register(op, _backend.Backend("cuda", supports=_kernel_head_dims))
-        _backend.register(op, _backend.Backend("triton", supports=_triton_supports))
+    run = _backend.select(NONCAUSAL_OP, _backend.Call(q.device, q.dtype), backend).impl
+    return run(q, k, v, feature_map=code, normalize=normalize, eps=eps, scale=scale,
+               key_padding_mask=key_padding_mask)
 
 
 def _kernel_head_dims(call):
@@ -200,6 +199,13 @@ def _kernel_head_dims(call):
     if not (1 <= K <= 256 and 1 <= V <= 256):
         return f"its kernels take head dims K, V from 1 to 256, got K = {K}, V = {V}"
     return None
+
+
+def _cuda_supports(call):
+    from fastml.ops.linear_attention._cuda_limits import cuda_smem_reason
+
+    return _kernel_head_dims(call) or cuda_smem_reason(call.device, call.options.get("K", 1),
+                                                       call.options.get("V", 1), call.dtype)
 
 
 def _triton_supports(call):
@@ -213,51 +219,25 @@ def _triton_supports(call):
     return None
 
 
+def _register():
+    ops = torch.ops.fastml
+    # cpp and cuda are the CPU and CUDA kernels of the same C++ ops (the dispatcher picks by device).
+    cpp = _kernel_impl(ops.linear_attention_fwd, ops.linear_attention_bwd, ops.linear_attention_step)
+    triton = _kernel_impl(ops.linear_attention_fwd_triton, ops.linear_attention_bwd_triton,
+                          ops.linear_attention_step_triton)
+    ref = _Impl(_reference_causal, _reference_step)
+    for op in (OP, STEP_OP):
+        _backend.register(op, _backend.Backend("reference", ref))
+        _backend.register(op, _backend.Backend("cpp", cpp))
+        _backend.register(op, _backend.Backend("cuda", cpp, supports=_cuda_supports))
+        _backend.register(op, _backend.Backend("triton", triton, supports=_triton_supports))
+        # CUDA tensors: measured on an H100 (README.md, "GPU"), triton is 12x faster than the reference and the
+        # cuda kernels are slower than the reference, so `auto` takes triton, then the reference; cuda serves
+        # when named.
+        _backend.set_priority(op, "cuda", ("triton", "reference"))
+    _backend.register(NONCAUSAL_OP, _backend.Backend("reference", reference.linear_attention))
+
+
 _register()
-# CUDA tensors: measured on an H100 (README.md, "GPU"), triton is 12x faster than the reference and the cuda
-# kernels are slower than the reference, so `auto` takes triton, then the reference; cuda serves when named.
-for _op in (OP, STEP_OP):
-    _backend.set_priority(_op, "cuda", ("triton", "reference"))
 
-
-def _register_fakes():
-    """Shapes of the C++ ops' results, for torch.compile and opcheck (the Triton ops register their own)."""
-    from fastml._ext import load_error
-
-    if load_error() is not None:
-        return
-
-    @torch.library.register_fake("fastml::linear_attention_fwd")
-    def _fwd(q, k, v, kv0, z0, cu_seqlens, feature_map, normalize, eps, scale):
-        return fake_fwd(q, k, v, cu_seqlens)
-
-    @torch.library.register_fake("fastml::linear_attention_bwd")
-    def _bwd(grad_o, grad_kv, grad_z, q, k, v, o, den, kv0, z0, cu_seqlens, feature_map, normalize, eps, scale):
-        return fake_bwd(q, k, v, cu_seqlens)
-
-    @torch.library.register_fake("fastml::linear_attention_step")
-    def _step(q, k, v, kv, z, feature_map, normalize, eps, scale):
-        return torch.empty_like(v), torch.empty_like(kv), torch.empty_like(z)
-
-
-def fake_fwd(q, k, v, cu_seqlens):
-    """(o, kv, z, den) shapes of a forward; shared with the Triton ops' fake implementations."""
-    B, H, T, K = q.shape
-    V = v.shape[-1]
-    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    sd = reference.state_dtype(q.dtype)
-    return (v.new_empty(B, H, T, V), q.new_empty(N, H, K, V, dtype=sd), q.new_empty(N, H, K, dtype=sd),
-            q.new_empty(B, H, T, dtype=sd))
-
-
-def fake_bwd(q, k, v, cu_seqlens):
-    """(dq, dk, dv, dkv0, dz0) shapes of a backward."""
-    B, H, T, K = q.shape
-    V = v.shape[-1]
-    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    sd = reference.state_dtype(q.dtype)
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), q.new_empty(N, H, K, V, dtype=sd),
-            q.new_empty(N, H, K, dtype=sd))
-
-
-_register_fakes()
+__all__ = ["LinearAttentionState", "causal_linear_attention", "linear_attention", "linear_attention_step"]

@@ -7,12 +7,10 @@ computed in the state dtype (float32, or float64 for float64 inputs), so float64
 import torch
 import torch.nn.functional as F
 
+from fastml._numerics import acc_dtype
+
 CHUNK = 64
 FEATURE_MAPS = {None: 0, "elu+1": 1, "relu": 2}
-
-
-def state_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def apply_feature_map(x, code):
@@ -54,7 +52,7 @@ def _causal_one(q, k, v, kv0, z0, normalize, eps):
 
 
 def _prepare(q, k, v, feature_map, scale):
-    sd = state_dtype(q.dtype)
+    sd = acc_dtype(q.dtype)
     qf = apply_feature_map(q.to(sd), feature_map) * scale
     kf = apply_feature_map(k.to(sd), feature_map)
     return qf, kf, v.to(sd), sd
