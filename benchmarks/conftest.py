@@ -1,4 +1,5 @@
 """Benchmark suite set-up: `--device`, the machine's measured peaks, and the tables printed at the end."""
+import fnmatch
 import os
 import sys
 
@@ -8,6 +9,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from runner import Results, cpu_sgemm_peak_gflops, cuda_peaks  # noqa: E402
 
 RESULTS = Results()
+
+
+def pytest_collect_file(file_path, parent):
+    """Collects bench_*.py here (pytest.ini's python_files lists test_*.py only, so a bare `pytest` skips them).
+    pytest itself collects a file named on the command line, or one its python_files already match."""
+    if file_path.suffix != ".py" or not file_path.name.startswith("bench_") or parent.session.isinitpath(file_path):
+        return None
+    if any(fnmatch.fnmatch(file_path.name, pattern) for pattern in parent.config.getini("python_files")):
+        return None
+    return parent.session.gethookproxy(file_path).pytest_pycollect_makemodule(module_path=file_path, parent=parent)
 
 
 def pytest_addoption(parser):

@@ -12,6 +12,7 @@ import torch
 from fastml import _backend
 from fastml._numerics import acc_dtype
 from fastml.ops.linear_attention import reference, schema  # noqa: F401  (schema declares the kernel ops)
+from fastml.ops.linear_attention._cuda_limits import cuda_smem_reason
 from fastml.ops.linear_attention._validate import (
     check_cu_seqlens,
     check_feature_map,
@@ -202,8 +203,6 @@ def _kernel_head_dims(call):
 
 
 def _cuda_supports(call):
-    from fastml.ops.linear_attention._cuda_limits import cuda_smem_reason
-
     return _kernel_head_dims(call) or cuda_smem_reason(call.device, call.options.get("K", 1),
                                                        call.options.get("V", 1), call.dtype)
 
