@@ -36,9 +36,9 @@ def _build_cuda():
 #   native (default): -march=native, the build machine's full instruction set (AVX-512 where it has it). Right
 #     for a build from source that runs where it was built, wrong for a wheel: an AVX-512 build dies with SIGILL
 #     (illegal instruction) on a CPU without AVX-512.
-#   portable: a baseline every machine of the architecture runs: x86-64-v2 (SSE4.2, every x86-64 CPU since
-#     2009; plain x86-64 where the compiler predates the name), armv8-a on aarch64, the compiler's default
-#     elsewhere. Use it for wheels and shared images.
+#   portable: a baseline the architecture's machines run: x86-64-v2 (up to SSE4.2 and POPCNT, which x86-64 CPUs
+#     have had since about 2009; plain x86-64 where the compiler predates the name), armv8-a on aarch64, the
+#     compiler's default elsewhere. Use it for wheels and shared images.
 #   any other value is passed on as -march=<value> (e.g. x86-64-v3 for AVX2 machines).
 # The kernels' vector width follows the target (csrc/common.h reads the compiler's __AVX512F__, __AVX__,
 # __ARM_NEON macros), so no flag here has to agree with a setting elsewhere.

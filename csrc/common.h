@@ -1,5 +1,6 @@
-// Pieces shared by the CPU kernels: a SIMD vector type the compiler maps onto the widest registers it was told
-// about (-march=native), and 64-byte aligned scratch memory for the kernels' per-thread working sets.
+// Pieces shared by the CPU kernels: a SIMD vector type the compiler maps onto the widest registers of the target
+// it compiles for (setup.py: FASTML_CPU_ARCH, -march=native by default), and 64-byte aligned scratch memory for the
+// kernels' per-thread working sets.
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -10,12 +11,23 @@
 
 namespace fastml {
 
-// With AVX-512 one vector is a zmm register; elsewhere half of that, so that a register-blocked micro-kernel
-// sized for 32 vector registers does not spill on 16-register (AVX2) machines.
+// One vector is one register of the widest kind the target has, read from the compiler's predefined macros (never
+// assumed: a vector wider than the target's registers would be split into several, and one the target lacks would
+// not run): a zmm with AVX-512, a ymm with AVX/AVX2, else 16 bytes (xmm on x86-64, q registers with NEON, and
+// what GCC emulates elsewhere). kVecRegs is how many of them there are, which sizes the register-blocked
+// micro-kernel (la_cpu::kRowTile) so that it does not spill.
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64;
-#else
+constexpr int kVecRegs = 32;
+#elif defined(__AVX__)
 constexpr int kVecBytes = 32;
+constexpr int kVecRegs = 16;
+#elif defined(__aarch64__) || defined(__ARM_NEON)
+constexpr int kVecBytes = 16;
+constexpr int kVecRegs = 32;
+#else
+constexpr int kVecBytes = 16;
+constexpr int kVecRegs = 16;
 #endif
 
 // GCC/Clang vector extension: element-wise arithmetic (scalar operands broadcast) compiles to SIMD

@@ -12,13 +12,14 @@ the schema string and the fake (meta) function are written there once and shared
 compiled extension fastml._C (whose kernels attach to those schemas) and the Triton kernels (fastml.kernels),
 without a hand-kept list of ops.
 """
+import functools
 import importlib
 import importlib.util
 import os
 import pkgutil
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -29,31 +30,48 @@ LIB = torch.library.Library(NAMESPACE, "DEF")
 @dataclass(frozen=True)
 class OpSchema:
     """One kernel op: `schema` is the argument list and results, e.g. "(Tensor x, float eps) -> Tensor";
-    `fake(*args)` returns empty tensors of the results' shapes and dtypes (for torch.compile and opcheck)."""
+    `fake(*args)` returns empty tensors of the results' shapes and dtypes (for torch.compile and opcheck);
+    `check(*args)`, if given, raises ValueError/TypeError naming a bad argument. The Python implementations
+    (`implement`) run it before their kernels; the C++ kernels carry the same checks as TORCH_CHECKs."""
 
     name: str
     schema: str
     fake: Callable
     twins: tuple = ("triton",)
+    check: Optional[Callable] = None
 
     def qualnames(self):
         return (self.name,) + tuple(f"{self.name}_{t}" for t in self.twins)
 
 
+_DECLARED: dict = {}
+
+
 def declare(*ops: OpSchema):
     """Defines each op and its twins in the fastml namespace with one schema and one fake function."""
     for op in ops:
+        _DECLARED[op.name] = op
         for qual in op.qualnames():
             LIB.define(qual + op.schema)
             torch.library.register_fake(f"{NAMESPACE}::{qual}", op.fake, lib=LIB)
 
 
 def implement(name: str, kind: str):
-    """Decorator: registers a Python launcher as the CPU and CUDA kernel of fastml::<name>_<kind>."""
+    """Decorator: registers a Python launcher as the CPU and CUDA kernel of fastml::<name>_<kind>, behind the op's
+    argument check."""
+    check = _DECLARED[name].check
 
     def wrap(fn):
-        torch.library.impl(f"{NAMESPACE}::{name}_{kind}", ("cpu", "cuda"), fn, lib=LIB)
-        return fn
+        if check is None:
+            run = fn
+        else:
+            @functools.wraps(fn)
+            def run(*args):
+                check(*args)
+                return fn(*args)
+
+        torch.library.impl(f"{NAMESPACE}::{name}_{kind}", ("cpu", "cuda"), run, lib=LIB)
+        return run
 
     return wrap
 

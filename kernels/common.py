@@ -63,11 +63,16 @@ def feature_map_grad(g, x, FMAP: tl.constexpr):
 
 @triton.jit
 def segment(cu_ptr, i_n, T, VARLEN: tl.constexpr):
-    """(batch row, first token, end token) of sequence i_n: a packed segment of cu_seqlens, or batch entry i_n."""
+    """(batch row, first token, end token) of sequence i_n: a packed segment of cu_seqlens, or batch entry i_n.
+
+    The offsets are clamped to 0 <= bos <= eos <= T, so that a bad cu_seqlens (the launchers check its values, but
+    on the GPU without waiting for the result) can never make a kernel read or write outside the tensors."""
     if VARLEN:
         b = 0
         bos = tl.load(cu_ptr + i_n).to(tl.int64)
         eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+        bos = tl.minimum(tl.maximum(bos, 0), T)
+        eos = tl.minimum(tl.maximum(eos, bos), T)
     else:
         b = i_n
         bos = 0

@@ -43,9 +43,10 @@ def _dkv_configs():
 def _dq_kernel(do, q, k, v, o, den, kv0, z0, cu, dq, dd, T, H, K: tl.constexpr, V: tl.constexpr, scale,
                FMAP: tl.constexpr, NORMALIZE: tl.constexpr, HAS_STATE: tl.constexpr, VARLEN: tl.constexpr,
                DT: tl.constexpr, PREC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr):
-    # One program per (sequence, head, key tile of BK); values whole (BV >= V).
-    i_k = tl.program_id(0)
-    i_nh = tl.program_id(1)
+    # One program per (sequence, head, key tile of BK); values whole (BV >= V). Grid: (sequences x heads, key
+    # tiles), the batch-sized count on axis 0 (up to 2^31 - 1 programs; axes 1 and 2 stop at 65535).
+    i_nh = tl.program_id(0)
+    i_k = tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
     b, bos, eos = segment(cu, i_n, T, VARLEN)
@@ -101,8 +102,9 @@ def _dkv_kernel(do, q, k, v, den, dd, gkv, gz, cu, dk, dv, dkv0, dz0, dk_tile_st
                 BV: tl.constexpr, BT: tl.constexpr):
     # One program per (sequence, head, value tile of BV); keys whole (BK >= K). dv is exact per tile; dk is this
     # tile's share (the z path counted by tile 0 only), summed over tiles by the launcher when there are several.
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
+    # Grid: (sequences x heads, value tiles), as _dq_kernel's.
+    i_nh = tl.program_id(0)
+    i_v = tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
     first = i_v == 0
@@ -180,10 +182,10 @@ def linear_attention_bwd(grad_o, grad_kv, grad_z, q, k, v, o, den, kv0, z0, cu_s
     dt, prec = dot_types(q.dtype)
     opts = dict(FMAP=fmap, NORMALIZE=normalize, VARLEN=cu_seqlens is not None, DT=dt, PREC=prec)
     with device_of(q):
-        grid = lambda meta: (triton.cdiv(K, meta["BK"]), N * H)  # noqa: E731
+        grid = lambda meta: (N * H, triton.cdiv(K, meta["BK"]))  # noqa: E731
         _dq_kernel[grid](grad_o, q, k, v, o, den, kv0, z0, cu_seqlens, dq, dd, T, H, K, V, scale,
                          HAS_STATE=kv0 is not None, BV=pow2(V), **opts)
-        _dkv_kernel[(n_v, N * H)](grad_o, q, k, v, den, dd, grad_kv, grad_z, cu_seqlens, dk, dv, dkv0, dz0,
+        _dkv_kernel[(N * H, n_v)](grad_o, q, k, v, den, dd, grad_kv, grad_z, cu_seqlens, dk, dv, dkv0, dz0,
                                   B * H * T * K, T, H, K, V, scale, HAS_GKV=grad_kv is not None,
                                   HAS_GZ=grad_z is not None, BK=pow2(K), BV=BV, **opts)
     if n_v > 1:

@@ -9,8 +9,17 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
+from support import TARGETS  # noqa: E402
+
 settings.register_profile("fastml", max_examples=20, deadline=None, derandomize=True)
 settings.load_profile("fastml")
+
+
+@pytest.fixture(scope="session", params=TARGETS)
+def target(request):
+    """Every backend this machine runs, with the device of its tensors: reference and cpp on CPU, triton on CPU
+    under the interpreter, and with a CUDA device triton and cuda on it (marked `gpu`)."""
+    return request.param
 
 
 def pytest_configure(config):

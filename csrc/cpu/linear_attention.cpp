@@ -72,9 +72,8 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
     for (int64_t u = begin; u < end; ++u) {
       int64_t row0, len;
       p.span(u, &row0, &len);
-      load_state(kv0 == nullptr ? nullptr : kv0 + u * K * V, K, V, S, Vp, Kp * Vp, false);
-      std::fill(zs, zs + Kp, acc_t(0));
-      if (z0 != nullptr) std::copy(z0 + u * K, z0 + (u + 1) * K, zs);
+      load_state(kv0, u, K, V, S, Vp, Kp * Vp, false);
+      load_vector(z0, u, K, zs, Kp);
       for (int64_t t0 = 0; t0 < len; t0 += kBlockT) {
         const int64_t nb = std::min(kBlockT, len - t0), row = row0 + t0;
         const acc_t* qr = rows_view(q + row * K, nb, K, qf, Kp, p.fm, static_cast<acc_t>(p.scale));
@@ -177,9 +176,8 @@ void backward_kernel(const Problem& p, const scalar_t* go, const at::opmath_type
       int64_t row0, len;
       p.span(u, &row0, &len);
       // Forward sweep: dq'_t = dn_t S_t^T + dd_t z_t.
-      load_state(kv0 == nullptr ? nullptr : kv0 + u * K * V, K, V, ST, Kp, Kp * Vp, true);
-      std::fill(zs, zs + Kp, acc_t(0));
-      if (z0 != nullptr) std::copy(z0 + u * K, z0 + (u + 1) * K, zs);
+      load_state(kv0, u, K, V, ST, Kp, Kp * Vp, true);
+      load_vector(z0, u, K, zs, Kp);
       for (int64_t t0 = 0; t0 < len; t0 += kBlockT) {
         const int64_t nb = std::min(kBlockT, len - t0), row = row0 + t0;
         const BlockRows<acc_t> r = load_backward_block(p, row, nb, q, k, v, go, o, den, s, false);
@@ -198,10 +196,9 @@ void backward_kernel(const Problem& p, const scalar_t* go, const at::opmath_type
         }
       }
       // Reverse sweep: dv_t = dS_t^T k'_t, dk'_t = dS_t v_t + Z_t.
-      load_state(gkv == nullptr ? nullptr : gkv + u * K * V, K, V, dS, Vp, Kp * Vp, false);
-      load_state(gkv == nullptr ? nullptr : gkv + u * K * V, K, V, dST, Kp, Kp * Vp, true);
-      std::fill(zr, zr + Kp, acc_t(0));
-      if (gz != nullptr) std::copy(gz + u * K, gz + (u + 1) * K, zr);
+      load_state(gkv, u, K, V, dS, Vp, Kp * Vp, false);
+      load_state(gkv, u, K, V, dST, Kp, Kp * Vp, true);
+      load_vector(gz, u, K, zr, Kp);
       for (int64_t t0 = (len - 1) / kBlockT * kBlockT; t0 >= 0 && len > 0; t0 -= kBlockT) {
         const int64_t nb = std::min(kBlockT, len - t0), row = row0 + t0;
         const BlockRows<acc_t> r = load_backward_block(p, row, nb, q, k, v, go, o, den, s, true);

@@ -15,9 +15,9 @@ namespace la_cpu {
 // Tokens converted and scanned at a time: a block's rows of q', k', v and the outputs (4 x 64 x 256 B for
 // K = V = 64 in float32) stay in L1/L2 across the passes over the block.
 constexpr int64_t kBlockT = 64;
-// Rows of M held in registers per pass: 16 tiles + 3 working vectors fit the 32 AVX-512 registers; 8 fit the 16
-// of AVX2.
-constexpr int kRowTile = kVecBytes == 64 ? 16 : 8;
+// Rows of M held in registers per pass: 16 tiles + 3 working vectors fit in 32 vector registers (AVX-512, NEON);
+// 8 in 16 (AVX2, SSE).
+constexpr int kRowTile = kVecRegs >= 32 ? 16 : 8;
 constexpr int kRowStep = 8;  // state dims are padded to multiples of this (and of a vector)
 
 enum : int64_t { kIdentity = 0, kEluPlusOne = 1, kRelu = 2 };
@@ -139,12 +139,14 @@ acc_t* output_rows(scalar_t* dst, int64_t d, acc_t* scratch, int64_t ld, bool ep
   return scratch;
 }
 
-// State [rows x cols] (or zeros if src is null) into the padded M with row stride ld, transposed if asked;
-// M has `size` elements, the padding is zero.
+// Unit u's state [rows x cols] of the per-unit states at base (or zeros if base is null) into the padded M with
+// row stride ld, transposed if asked; M has `size` elements, the padding is zero.
 template <typename acc_t>
-void load_state(const acc_t* src, int64_t rows, int64_t cols, acc_t* M, int64_t ld, int64_t size, bool transpose) {
+void load_state(const acc_t* base, int64_t u, int64_t rows, int64_t cols, acc_t* M, int64_t ld, int64_t size,
+                bool transpose) {
   std::fill(M, M + size, acc_t(0));
-  if (src == nullptr) return;
+  if (base == nullptr) return;
+  const acc_t* src = base + u * rows * cols;
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < cols; ++j) {
       if (transpose) {
@@ -154,6 +156,13 @@ void load_state(const acc_t* src, int64_t rows, int64_t cols, acc_t* M, int64_t 
       }
     }
   }
+}
+
+// Unit u's vector of n elements at base (or zeros if base is null) into dst [size], zero beyond n.
+template <typename acc_t>
+void load_vector(const acc_t* base, int64_t u, int64_t n, acc_t* dst, int64_t size) {
+  std::fill(dst, dst + size, acc_t(0));
+  if (base != nullptr) std::copy(base + u * n, base + (u + 1) * n, dst);
 }
 
 template <typename acc_t>

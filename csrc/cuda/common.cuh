@@ -46,9 +46,30 @@ template <class A> __device__ __forceinline__ A feature_grad(A x, int code) {
 
 __host__ __device__ constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Grid limits: axis x takes up to 2^31 - 1 blocks, axes y and z only 65535. Every launch puts its batch-sized
+// count (sequences x heads, examples, steps) on x and keeps y for small counts (tiles of a head dim).
+constexpr int64_t kMaxGridX = 2147483647;
+constexpr int64_t kMaxGridYZ = 65535;
+
 template <class A> __device__ __forceinline__ A warp_sum(A x) {
   for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
   return x;
+}
+
+// acc += op(A)[m0:m0+16, 0:K] op(B)[0:K, n0:n0+16] on tensor cores (16-bit T, wmma 16x16x16), op as in block_gemm.
+template <class T, bool TA, bool TB>
+__device__ __forceinline__ void mma_tile(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>& acc,
+                                         const T* A, int lda, const T* B, int ldb, int K, int m0, int n0) {
+  namespace w = nvcuda::wmma;
+  using LA = std::conditional_t<TA, w::col_major, w::row_major>;
+  using LB = std::conditional_t<TB, w::col_major, w::row_major>;
+  for (int k0 = 0; k0 < K; k0 += 16) {
+    w::fragment<w::matrix_a, 16, 16, 16, T, LA> a;
+    w::fragment<w::matrix_b, 16, 16, 16, T, LB> b;
+    w::load_matrix_sync(a, TA ? A + (int64_t)k0 * lda + m0 : A + (int64_t)m0 * lda + k0, lda);
+    w::load_matrix_sync(b, TB ? B + (int64_t)n0 * ldb + k0 : B + (int64_t)k0 * ldb + n0, ldb);
+    w::mma_sync(acc, a, b, acc);
+  }
 }
 
 // Block-wide products of shared-memory tiles, every thread of the block taking part:
@@ -63,33 +84,17 @@ __device__ void block_gemm(acc_t<T>* C, int ldc, int M, int N, bool accumulate,
   using A = acc_t<T>;
   if constexpr (is_half_like<T>) {
     namespace w = nvcuda::wmma;
-    using LA1 = std::conditional_t<TA1, w::col_major, w::row_major>;
-    using LB1 = std::conditional_t<TB1, w::col_major, w::row_major>;
-    using LA2 = std::conditional_t<TA2, w::col_major, w::row_major>;
-    using LB2 = std::conditional_t<TB2, w::col_major, w::row_major>;
     const int warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
     const int tn_count = N / 16, tiles = (M / 16) * tn_count;
     for (int tile = warp; tile < tiles; tile += nwarps) {
       const int m0 = tile / tn_count * 16, n0 = tile % tn_count * 16;
       w::fragment<w::accumulator, 16, 16, 16, float> acc;
       w::fill_fragment(acc, 0.0f);
-      for (int k0 = 0; k0 < K2; k0 += 16) {
-        w::fragment<w::matrix_a, 16, 16, 16, T, LA2> a;
-        w::fragment<w::matrix_b, 16, 16, 16, T, LB2> b;
-        w::load_matrix_sync(a, TA2 ? A2 + (int64_t)k0 * lda2 + m0 : A2 + (int64_t)m0 * lda2 + k0, lda2);
-        w::load_matrix_sync(b, TB2 ? B2 + (int64_t)n0 * ldb2 + k0 : B2 + (int64_t)k0 * ldb2 + n0, ldb2);
-        w::mma_sync(acc, a, b, acc);
-      }
+      mma_tile<T, TA2, TB2>(acc, A2, lda2, B2, ldb2, K2, m0, n0);
       if (K2 > 0 && s != 1.0f) {
         for (int i = 0; i < acc.num_elements; ++i) acc.x[i] *= s;
       }
-      for (int k0 = 0; k0 < K1; k0 += 16) {
-        w::fragment<w::matrix_a, 16, 16, 16, T, LA1> a;
-        w::fragment<w::matrix_b, 16, 16, 16, T, LB1> b;
-        w::load_matrix_sync(a, TA1 ? A1 + (int64_t)k0 * lda1 + m0 : A1 + (int64_t)m0 * lda1 + k0, lda1);
-        w::load_matrix_sync(b, TB1 ? B1 + (int64_t)n0 * ldb1 + k0 : B1 + (int64_t)k0 * ldb1 + n0, ldb1);
-        w::mma_sync(acc, a, b, acc);
-      }
+      mma_tile<T, TA1, TB1>(acc, A1, lda1, B1, ldb1, K1, m0, n0);
       float* c = C + (int64_t)m0 * ldc + n0;
       if (accumulate) {
         w::fragment<w::accumulator, 16, 16, 16, float> old;

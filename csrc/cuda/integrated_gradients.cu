@@ -91,10 +91,9 @@ __global__ void __launch_bounds__(kThreads)
 
 bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
-unsigned grid_for(int64_t packs) {
-  const int64_t blocks = (packs + kThreads - 1) / kThreads;
-  return unsigned(blocks < (int64_t(1) << 20) ? blocks : (int64_t(1) << 20));
-}
+// 1-D grids (axis x) of at most 2^20 blocks: the kernels stride over any larger count of work items.
+unsigned capped_grid(int64_t blocks) { return unsigned(blocks < (int64_t(1) << 20) ? blocks : (int64_t(1) << 20)); }
+unsigned grid_for(int64_t packs) { return capped_grid((packs + kThreads - 1) / kThreads); }
 
 // Four elements per thread when M and every pointer allow it, else one.
 template <class T>
@@ -127,8 +126,7 @@ cudaError_t accumulate_typed(const void* grads, const void* x, const void* xb, c
   const bool wide = D % 4 == 0 && aligned(grads, vec) && aligned(x, vec) && aligned(xb, vec) &&
                     aligned(attr, vec_acc) && (acc == nullptr || aligned(acc, vec_acc));
   const int64_t tiles = ig_accumulate_tiles(D);
-  const int64_t blocks = (B * tiles + kThreads / 32 - 1) / (kThreads / 32);
-  const unsigned grid = unsigned(blocks < (int64_t(1) << 20) ? blocks : (int64_t(1) << 20));
+  const unsigned grid = capped_grid((B * tiles + kThreads / 32 - 1) / (kThreads / 32));
   const T* gt = static_cast<const T*>(grads);
   const T* xt = static_cast<const T*>(x);
   const T* bt = static_cast<const T*>(xb);

@@ -9,27 +9,22 @@
 #include <tuple>
 #include <vector>
 
+#include "cuda/binding_common.h"
 #include "cuda/integrated_gradients.h"
 
 namespace {
 
 using at::Tensor;
 using fastml_cuda::DType;
+using fastml_cuda::binding::acc_dtype;
+using fastml_cuda::binding::check_launch;
 
-DType kernel_dtype(const Tensor& t, const char* name) {
-  const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble,
-              "fastml integrated gradients (CUDA): ", name, " must be float32, float16, bfloat16 or float64, got ",
-              s);
-  return s == at::kFloat ? DType::f32 : s == at::kHalf ? DType::f16 : s == at::kBFloat16 ? DType::bf16 : DType::f64;
-}
+constexpr const char* kOp = "fastml integrated gradients (CUDA)";
 
-at::ScalarType acc_dtype(const Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+DType kernel_dtype(const Tensor& t, const char* name) { return fastml_cuda::binding::kernel_dtype(t, kOp, name); }
 
 void check_device(const Tensor& t, const char* name, const Tensor& like) {
-  TORCH_CHECK(t.is_cuda(), "fastml integrated gradients (CUDA): ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.device() == like.device(), "fastml integrated gradients (CUDA): ", name, " is on ", t.device(),
-              " but inputs are on ", like.device());
+  fastml_cuda::binding::check_device(t, kOp, name, like, "inputs");
 }
 
 // baselines as a contiguous tensor of inputs' shape and dtype (copied only when it is not one already).
@@ -48,10 +43,6 @@ Tensor step_vector(const Tensor& t, const char* name, const Tensor& like, at::Sc
   TORCH_CHECK(t.is_floating_point(), "fastml integrated gradients (CUDA): ", name, " must be floating, got ",
               t.scalar_type());
   return t.to(acc).contiguous();
-}
-
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "fastml::", op, " (CUDA) failed: ", cudaGetErrorString(err));
 }
 
 Tensor ig_scale_inputs_cuda(const Tensor& inputs, const Tensor& baselines, const Tensor& alphas) {

@@ -7,31 +7,26 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
+#include "cuda/binding_common.h"
 #include "cuda/linear_attention.h"
 
 namespace {
 
 using at::Tensor;
-using fastml_cuda::DType;
 using fastml_cuda::LinearAttentionArgs;
+using fastml_cuda::binding::check_launch;
 
-DType kernel_dtype(const Tensor& t) {
-  const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble,
-              "fastml linear attention (CUDA): q must be float32, float16, bfloat16 or float64, got ", s);
-  return s == at::kFloat ? DType::f32 : s == at::kHalf ? DType::f16 : s == at::kBFloat16 ? DType::bf16 : DType::f64;
-}
+constexpr const char* kOp = "fastml linear attention (CUDA)";
+
+at::ScalarType state_dtype(const Tensor& q) { return fastml_cuda::binding::acc_dtype(q); }
 
 void check_tensor(const Tensor& t, const char* name, const Tensor& q, at::ScalarType dtype, at::IntArrayRef shape) {
-  TORCH_CHECK(t.is_cuda(), "fastml linear attention (CUDA): ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.device() == q.device(), "fastml linear attention (CUDA): ", name, " is on ", t.device(),
-              " but q is on ", q.device());
-  TORCH_CHECK(t.scalar_type() == dtype, "fastml linear attention (CUDA): ", name, " must have dtype ", dtype,
-              ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes().equals(shape), "fastml linear attention (CUDA): ", name, " must have shape ", shape,
-              ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "fastml linear attention (CUDA): ", name, " must be contiguous");
+  fastml_cuda::binding::check_device(t, kOp, name, q, "q");
+  TORCH_CHECK(t.scalar_type() == dtype, kOp, ": ", name, " must have dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes().equals(shape), kOp, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), kOp, ": ", name, " must be contiguous");
 }
 
 const void* optional_ptr(const std::optional<Tensor>& t, const char* name, const Tensor& q, at::ScalarType dtype,
@@ -41,40 +36,28 @@ const void* optional_ptr(const std::optional<Tensor>& t, const char* name, const
   return t->data_ptr();
 }
 
-at::ScalarType state_dtype(const Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-// Checks q, k, v [B,H,T,K|V] and cu_seqlens, and fills the sizes and options shared by the forward and backward.
-LinearAttentionArgs sequence_args(const Tensor& q, const Tensor& k, const Tensor& v,
-                                  const std::optional<Tensor>& cu_seqlens, int64_t feature_map, bool normalize,
-                                  double eps, double scale) {
+// Checks q, k [..., K] and v [..., V] (the sequence ops: [B, H, T, *], 4-D; the step: [B, H, *], 3-D) and the
+// options, and fills dtype, B, H, K, V (T = 1 for the step), N = B and the options.
+LinearAttentionArgs head_args(const Tensor& q, const Tensor& k, const Tensor& v, int64_t dim, const char* layout,
+                              int64_t feature_map, bool normalize, double eps, double scale) {
   LinearAttentionArgs a{};
-  a.dtype = kernel_dtype(q);
-  TORCH_CHECK(q.dim() == 4, "fastml linear attention (CUDA): q must be 4-D [B, H, T, K], got ", q.sizes());
-  TORCH_CHECK(v.dim() == 4, "fastml linear attention (CUDA): v must be 4-D [B, H, T, V], got ", v.sizes());
+  a.dtype = fastml_cuda::binding::kernel_dtype(q, kOp, "q");
+  TORCH_CHECK(q.dim() == dim, kOp, ": q must be ", dim, "-D ", layout, " with K last, got ", q.sizes());
+  TORCH_CHECK(v.dim() == dim, kOp, ": v must be ", dim, "-D ", layout, " with V last, got ", v.sizes());
   a.B = q.size(0);
   a.H = q.size(1);
-  a.T = q.size(2);
-  a.K = q.size(3);
-  a.V = v.size(3);
+  a.T = dim == 4 ? q.size(2) : 1;
+  a.K = q.size(-1);
+  a.V = v.size(-1);
+  a.N = a.B;
   check_tensor(q, "q", q, q.scalar_type(), q.sizes());
   check_tensor(k, "k", q, q.scalar_type(), q.sizes());
-  check_tensor(v, "v", q, q.scalar_type(), {a.B, a.H, a.T, a.V});
-  TORCH_CHECK(a.K <= fastml_cuda::kMaxHeadDim && a.V <= fastml_cuda::kMaxHeadDim,
-              "fastml linear attention (CUDA): head dims K and V must be at most ", fastml_cuda::kMaxHeadDim,
-              ", got K = ", a.K, ", V = ", a.V);
-  TORCH_CHECK(feature_map >= 0 && feature_map <= 2,
-              "fastml linear attention (CUDA): feature_map must be 0, 1 or 2, got ", feature_map);
-  a.N = a.B;
-  a.cu_seqlens = nullptr;
-  if (cu_seqlens.has_value()) {
-    const Tensor& cu = *cu_seqlens;
-    TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 1,
-                "fastml linear attention (CUDA): cu_seqlens must be 1-D [N+1], got ", cu.sizes());
-    check_tensor(cu, "cu_seqlens", q, at::kLong, cu.sizes());
-    TORCH_CHECK(a.B == 1, "fastml linear attention (CUDA): cu_seqlens needs B = 1, got B = ", a.B);
-    a.N = cu.numel() - 1;
-    a.cu_seqlens = cu.data_ptr<int64_t>();
-  }
+  std::vector<int64_t> vshape(q.sizes().begin(), q.sizes().end());
+  vshape.back() = a.V;
+  check_tensor(v, "v", q, q.scalar_type(), vshape);
+  TORCH_CHECK(a.K <= fastml_cuda::kMaxHeadDim && a.V <= fastml_cuda::kMaxHeadDim, kOp,
+              ": head dims K and V must be at most ", fastml_cuda::kMaxHeadDim, ", got K = ", a.K, ", V = ", a.V);
+  TORCH_CHECK(feature_map >= 0 && feature_map <= 2, kOp, ": feature_map must be 0, 1 or 2, got ", feature_map);
   a.feature_map = int(feature_map);
   a.normalize = normalize;
   a.eps = eps;
@@ -82,8 +65,23 @@ LinearAttentionArgs sequence_args(const Tensor& q, const Tensor& k, const Tensor
   return a;
 }
 
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "fastml::", op, " (CUDA) failed: ", cudaGetErrorString(err));
+// head_args for q, k, v [B,H,T,K|V], and cu_seqlens: its layout on the host, its values on the device (the kernels
+// clamp each segment to [0, T] besides, so a bad value is an error, never an access out of bounds).
+LinearAttentionArgs sequence_args(const Tensor& q, const Tensor& k, const Tensor& v,
+                                  const std::optional<Tensor>& cu_seqlens, int64_t feature_map, bool normalize,
+                                  double eps, double scale) {
+  LinearAttentionArgs a = head_args(q, k, v, 4, "[B, H, T, *]", feature_map, normalize, eps, scale);
+  a.cu_seqlens = nullptr;
+  if (cu_seqlens.has_value()) {
+    const Tensor& cu = *cu_seqlens;
+    TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 1, kOp, ": cu_seqlens must be 1-D [N+1], got ", cu.sizes());
+    check_tensor(cu, "cu_seqlens", q, at::kLong, cu.sizes());
+    TORCH_CHECK(a.B == 1, kOp, ": cu_seqlens needs B = 1, got B = ", a.B);
+    fastml_cuda::binding::assert_cu_seqlens(cu, a.T, kOp);
+    a.N = cu.numel() - 1;
+    a.cu_seqlens = cu.data_ptr<int64_t>();
+  }
+  return a;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_attention_fwd_cuda(
@@ -152,24 +150,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_attention_bwd_cuda(
 std::tuple<Tensor, Tensor, Tensor> linear_attention_step_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
                                                               const Tensor& kv, const Tensor& z, int64_t feature_map,
                                                               bool normalize, double eps, double scale) {
-  LinearAttentionArgs a{};
-  a.dtype = kernel_dtype(q);
-  TORCH_CHECK(q.dim() == 3, "fastml linear attention step (CUDA): q must be 3-D [B, H, K], got ", q.sizes());
-  TORCH_CHECK(v.dim() == 3, "fastml linear attention step (CUDA): v must be 3-D [B, H, V], got ", v.sizes());
-  a.B = q.size(0);
-  a.H = q.size(1);
-  a.K = q.size(2);
-  a.V = v.size(2);
-  a.T = 1;
-  a.N = a.B;
-  check_tensor(q, "q", q, q.scalar_type(), q.sizes());
-  check_tensor(k, "k", q, q.scalar_type(), q.sizes());
-  check_tensor(v, "v", q, q.scalar_type(), {a.B, a.H, a.V});
-  TORCH_CHECK(a.K <= fastml_cuda::kMaxHeadDim && a.V <= fastml_cuda::kMaxHeadDim,
-              "fastml linear attention step (CUDA): head dims K and V must be at most ", fastml_cuda::kMaxHeadDim,
-              ", got K = ", a.K, ", V = ", a.V);
-  TORCH_CHECK(feature_map >= 0 && feature_map <= 2,
-              "fastml linear attention step (CUDA): feature_map must be 0, 1 or 2, got ", feature_map);
+  LinearAttentionArgs a = head_args(q, k, v, 3, "[B, H, *]", feature_map, normalize, eps, scale);
   const auto sd = state_dtype(q);
   check_tensor(kv, "kv", q, sd, {a.B, a.H, a.K, a.V});
   check_tensor(z, "z", q, sd, {a.B, a.H, a.K});
@@ -177,10 +158,6 @@ std::tuple<Tensor, Tensor, Tensor> linear_attention_step_cuda(const Tensor& q, c
   Tensor o = at::empty({a.B, a.H, a.V}, v.options());
   Tensor kv1 = at::empty(kv.sizes(), kv.options());
   Tensor z1 = at::empty(z.sizes(), z.options());
-  a.feature_map = int(feature_map);
-  a.normalize = normalize;
-  a.eps = eps;
-  a.scale = scale;
   a.q = q.data_ptr();
   a.k = k.data_ptr();
   a.v = v.data_ptr();

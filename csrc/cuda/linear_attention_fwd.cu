@@ -65,7 +65,8 @@ cudaError_t linear_attention_fwd(const LinearAttentionArgs& a, cudaStream_t stre
 
 cudaError_t linear_attention_step(const LinearAttentionArgs& a, cudaStream_t stream) {
   if (a.B * a.H == 0) return cudaSuccess;
-  const dim3 grid(unsigned(a.B * a.H));
+  if (a.B * a.H > kMaxGridX) return cudaErrorInvalidConfiguration;
+  const dim3 grid(unsigned(a.B * a.H));  // one block per (batch, head), on axis x
   switch (a.dtype) {
     case DType::f32: la_step_kernel<float><<<grid, kStepThreads, 0, stream>>>(a); break;
     case DType::f16: la_step_kernel<__half><<<grid, kStepThreads, 0, stream>>>(a); break;

@@ -109,8 +109,10 @@ __global__ void __launch_bounds__(kScanThreads) la_scan_kernel(const LinearAtten
   const int col0 = blockIdx.y * BN;
   int64_t bos = 0, eos = a.T, b = seq;
   if (a.cu_seqlens != nullptr) {
-    bos = a.cu_seqlens[seq];
-    eos = a.cu_seqlens[seq + 1];
+    // Clamped to 0 <= bos <= eos <= T: the binding checks the values on the device without waiting for the
+    // result, so a bad tensor must not make this kernel read or write outside q, k, v and the outputs meanwhile.
+    bos = min(max(a.cu_seqlens[seq], int64_t(0)), a.T);
+    eos = min(max(a.cu_seqlens[seq + 1], bos), a.T);
     b = 0;
   }
   const int64_t row0 = (b * H + h) * a.T;  // row of token 0 of (b, h) in the [B*H*T, D] views
@@ -320,8 +322,10 @@ template <class T, Pass P> cudaError_t launch_scan(const LinearAttentionArgs& a,
   auto kernel = la_scan_kernel<T, P>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return err;
-  // At least one tile, so that a zero output width still writes z and den.
+  // At least one tile, so that a zero output width still writes z and den. Sequences x heads on axis x (the large
+  // count), output tiles (at most kMaxHeadDim / BN + 1) on y.
   const int64_t tiles = (pass_nout(P, a.K, a.V) + Tile<T>::BN - 1) / Tile<T>::BN;
+  if (a.N * a.H > kMaxGridX || tiles > kMaxGridYZ) return cudaErrorInvalidConfiguration;
   const dim3 grid(unsigned(a.N * a.H), unsigned(tiles > 0 ? tiles : 1));
   kernel<<<grid, kScanThreads, bytes, stream>>>(a, DK);
   return cudaGetLastError();

@@ -29,4 +29,4 @@ def ig_accumulate(grads, inputs, baselines, weights, multiply_by_inputs, acc):
     if acc is not None:
         total = total + acc.to(dt)
     attr = total * (inputs.to(dt) - baselines.to(dt)) if multiply_by_inputs else total
-    return attr, attr.reshape(B, -1).sum(1)
+    return attr, attr.reshape(B, attr[0].numel() if B else 0).sum(1)

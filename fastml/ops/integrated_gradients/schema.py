@@ -12,6 +12,45 @@ from fastml._library import OpSchema, declare
 from fastml._numerics import acc_dtype
 
 
+def _check_pair(inputs, baselines):
+    if inputs.dim() < 1:
+        raise ValueError("fastml::ig: inputs must have a batch dimension, got a 0-d tensor")
+    if not inputs.is_floating_point():
+        raise TypeError(f"fastml::ig: inputs must be a floating tensor, got {inputs.dtype}")
+    if baselines.shape != inputs.shape:
+        raise ValueError(f"fastml::ig: baselines must have the shape of inputs {list(inputs.shape)}, got "
+                         f"{list(baselines.shape)}")
+    if baselines.dtype != inputs.dtype or baselines.device != inputs.device:
+        raise TypeError(f"fastml::ig: baselines must have the dtype and device of inputs, got {baselines.dtype} on "
+                        f"{baselines.device}")
+
+
+def _check_vector(vec, name, inputs):
+    if vec.dim() != 1 or not vec.is_floating_point() or vec.device != inputs.device:
+        raise ValueError(f"fastml::ig: {name} must be a one-dimensional floating tensor on {inputs.device}, got "
+                         f"{vec.dtype} {list(vec.shape)} on {vec.device}")
+
+
+def _check_scale(inputs, baselines, alphas):
+    """Argument checks of the kernel ops, so that a direct call with bad arguments is an error, never an
+    out-of-bounds access (the public functions check the same, and more, first)."""
+    _check_pair(inputs, baselines)
+    _check_vector(alphas, "alphas", inputs)
+
+
+def _check_accumulate(grads, inputs, baselines, weights, multiply_by_inputs, acc):
+    _check_pair(inputs, baselines)
+    _check_vector(weights, "weights", inputs)
+    want = (weights.shape[0] * inputs.shape[0], *inputs.shape[1:])
+    if grads.shape != want or grads.dtype != inputs.dtype or grads.device != inputs.device:
+        raise ValueError(f"fastml::ig: grads must be a {inputs.dtype} tensor of shape {list(want)} on "
+                         f"{inputs.device}, got {grads.dtype} {list(grads.shape)} on {grads.device}")
+    dt = acc_dtype(inputs.dtype)
+    if acc is not None and (acc.shape != inputs.shape or acc.dtype != dt or acc.device != inputs.device):
+        raise ValueError(f"fastml::ig: acc must be a {dt} tensor of shape {list(inputs.shape)} on {inputs.device}, "
+                         f"got {acc.dtype} {list(acc.shape)} on {acc.device}")
+
+
 def _scale(inputs, baselines, alphas):
     return inputs.new_empty(alphas.shape[0] * inputs.shape[0], *inputs.shape[1:])
 
@@ -21,8 +60,9 @@ def _accumulate(grads, inputs, baselines, weights, multiply_by_inputs, acc):
     return inputs.new_empty(inputs.shape, dtype=dt), inputs.new_empty(inputs.shape[0], dtype=dt)
 
 
-SCALE = OpSchema("ig_scale_inputs", "(Tensor inputs, Tensor baselines, Tensor alphas) -> Tensor", _scale)
+SCALE = OpSchema("ig_scale_inputs", "(Tensor inputs, Tensor baselines, Tensor alphas) -> Tensor", _scale,
+                 check=_check_scale)
 ACCUMULATE = OpSchema("ig_accumulate",
                       "(Tensor grads, Tensor inputs, Tensor baselines, Tensor weights, bool multiply_by_inputs, "
-                      "Tensor? acc) -> (Tensor, Tensor)", _accumulate)
+                      "Tensor? acc) -> (Tensor, Tensor)", _accumulate, check=_check_accumulate)
 declare(SCALE, ACCUMULATE)

@@ -13,8 +13,106 @@ in the accumulation dtype (float32, float64 for float64 inputs); cu_seqlens [N+1
 - linear_attention_step: one decode token, q, k [B, H, K], v [B, H, V], kv [B, H, K, V], z [B, H, K] ->
   (o [B, H, V], kv', z'); the state passed in is not modified.
 """
+import torch
+
 from fastml._library import OpSchema, declare
 from fastml._numerics import acc_dtype
+
+
+def _fail(cls, msg):
+    raise cls(f"fastml::linear_attention: {msg}")
+
+
+def _check_like(t, name, shape, dtype, device):
+    if t.shape != tuple(shape):
+        _fail(ValueError, f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if t.dtype != dtype:
+        _fail(TypeError, f"{name} must have dtype {dtype}, got {t.dtype}")
+    if t.device != device:
+        _fail(ValueError, f"{name} is on {t.device} but q is on {device}")
+
+
+def check_cu_seqlens(cu_seqlens, T):
+    """The values of cu_seqlens (0 first, non-decreasing, T last). Run by the Triton launchers because a compiled
+    caller skips the public function's checks (torch.compile treats the op as opaque). On a GPU without a host
+    sync: torch._assert_async fails at a later synchronizing call, and the kernels clamp every segment into
+    [0, T] meanwhile, so a bad value never reads or writes out of bounds. On the CPU (the interpreter) a
+    ValueError."""
+    if cu_seqlens.dtype != torch.int64:
+        _fail(TypeError, f"cu_seqlens must be an int64 tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        _fail(ValueError, f"cu_seqlens must be 1-D [N+1], got shape {list(cu_seqlens.shape)}")
+    if cu_seqlens.is_cuda:
+        ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == T) & (cu_seqlens.diff() >= 0).all()
+        torch._assert_async(ok, f"cu_seqlens must start at 0, be non-decreasing and end at T = {T}")
+        return
+    vals = cu_seqlens.tolist()
+    if vals[0] != 0:
+        _fail(ValueError, f"cu_seqlens must start at 0, got {vals[0]}")
+    if vals[-1] != T:
+        _fail(ValueError, f"cu_seqlens must end at the sequence length T = {T}, got {vals[-1]}")
+    bad = next((i for i in range(len(vals) - 1) if vals[i + 1] < vals[i]), None)
+    if bad is not None:
+        _fail(ValueError, f"cu_seqlens must be non-decreasing, got {vals[bad]} then {vals[bad + 1]} at index {bad}")
+
+
+def _check_fwd(q, k, v, kv0, z0, cu_seqlens, feature_map, normalize, eps, scale):
+    """Argument checks of the kernel ops (the public functions check more, and earlier): shapes, dtypes, devices,
+    so that a direct call with bad arguments is an error, never an out-of-bounds access."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        _fail(ValueError, f"q, k, v must be 4-D, got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
+    if not q.is_floating_point():
+        _fail(TypeError, f"q must be a floating tensor, got {q.dtype}")
+    B, H, T, K = q.shape
+    _check_like(k, "k", q.shape, q.dtype, q.device)
+    _check_like(v, "v", (B, H, T, v.shape[3]), q.dtype, q.device)
+    if feature_map not in (0, 1, 2):
+        _fail(ValueError, f"feature_map must be 0, 1 or 2, got {feature_map}")
+    N = B
+    if cu_seqlens is not None:
+        if cu_seqlens.device != q.device:
+            _fail(ValueError, f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+        if B != 1:
+            _fail(ValueError, f"with cu_seqlens the batch size must be 1, got {B}")
+        check_cu_seqlens(cu_seqlens, T)
+        N = cu_seqlens.shape[0] - 1
+    if (kv0 is None) != (z0 is None):
+        _fail(ValueError, "kv0 and z0 must be given together")
+    if kv0 is not None:
+        sd = acc_dtype(q.dtype)
+        _check_like(kv0, "kv0", (N, H, K, v.shape[3]), sd, q.device)
+        _check_like(z0, "z0", (N, H, K), sd, q.device)
+
+
+def _check_bwd(grad_o, grad_kv, grad_z, q, k, v, o, den, kv0, z0, cu_seqlens, feature_map, normalize, eps, scale):
+    _check_fwd(q, k, v, kv0, z0, cu_seqlens, feature_map, normalize, eps, scale)
+    B, H, T, K = q.shape
+    V = v.shape[3]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    sd = acc_dtype(q.dtype)
+    _check_like(grad_o, "grad_o", v.shape, q.dtype, q.device)
+    _check_like(o, "o", v.shape, q.dtype, q.device)
+    _check_like(den, "den", (B, H, T), sd, q.device)
+    if grad_kv is not None:
+        _check_like(grad_kv, "grad_kv", (N, H, K, V), sd, q.device)
+    if grad_z is not None:
+        _check_like(grad_z, "grad_z", (N, H, K), sd, q.device)
+
+
+def _check_step(q, k, v, kv, z, feature_map, normalize, eps, scale):
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        _fail(ValueError, f"q, k, v must be 3-D [B, H, K|V], got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
+    if not q.is_floating_point():
+        _fail(TypeError, f"q must be a floating tensor, got {q.dtype}")
+    B, H, K = q.shape
+    V = v.shape[2]
+    _check_like(k, "k", q.shape, q.dtype, q.device)
+    _check_like(v, "v", (B, H, V), q.dtype, q.device)
+    if feature_map not in (0, 1, 2):
+        _fail(ValueError, f"feature_map must be 0, 1 or 2, got {feature_map}")
+    sd = acc_dtype(q.dtype)
+    _check_like(kv, "kv", (B, H, K, V), sd, q.device)
+    _check_like(z, "z", (B, H, K), sd, q.device)
 
 
 def _fwd(q, k, v, kv0, z0, cu_seqlens, feature_map, normalize, eps, scale):
@@ -41,12 +139,12 @@ def _step(q, k, v, kv, z, feature_map, normalize, eps, scale):
 
 FWD = OpSchema("linear_attention_fwd",
                "(Tensor q, Tensor k, Tensor v, Tensor? kv0, Tensor? z0, Tensor? cu_seqlens, int feature_map, "
-               "bool normalize, float eps, float scale) -> (Tensor, Tensor, Tensor, Tensor)", _fwd)
+               "bool normalize, float eps, float scale) -> (Tensor, Tensor, Tensor, Tensor)", _fwd, check=_check_fwd)
 BWD = OpSchema("linear_attention_bwd",
                "(Tensor grad_o, Tensor? grad_kv, Tensor? grad_z, Tensor q, Tensor k, Tensor v, Tensor o, "
                "Tensor den, Tensor? kv0, Tensor? z0, Tensor? cu_seqlens, int feature_map, bool normalize, "
-               "float eps, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _bwd)
+               "float eps, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _bwd, check=_check_bwd)
 STEP = OpSchema("linear_attention_step",
                 "(Tensor q, Tensor k, Tensor v, Tensor kv, Tensor z, int feature_map, bool normalize, float eps, "
-                "float scale) -> (Tensor, Tensor, Tensor)", _step)
+                "float scale) -> (Tensor, Tensor, Tensor)", _step, check=_check_step)
 declare(FWD, BWD, STEP)
