@@ -81,6 +81,46 @@ def segment(cu_ptr, i_n, T, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def scan_program(cu_ptr, T, H, VARLEN: tl.constexpr):
+    """What a program of the scan kernels owns: (sequence x head index, tile index, row of its head's first token
+    in the [B*H*T] token rows, first token, end token). The grid is (sequences x heads, tiles): the batch-sized
+    count goes on axis 0, which takes up to 2^31 - 1 programs (axes 1 and 2 stop at 65535)."""
+    i_nh = tl.program_id(0)
+    i_tile = tl.program_id(1)
+    b, bos, eos = segment(cu_ptr, i_nh // H, T, VARLEN)
+    row0 = (b * H + i_nh % H).to(tl.int64) * T
+    return i_nh, i_tile, row0, bos, eos
+
+
+@triton.jit
+def load_state(kv_ptr, z_ptr, i_nh, ok, ov, K: tl.constexpr, V: tl.constexpr, LOAD_KV: tl.constexpr,
+               LOAD_Z: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """The [BK, BV] tile (rows ok, columns ov) of head i_nh's state in a [N*H, K, V] tensor, and the [BK] tile of
+    its normalizer in a [N*H, K] tensor, in float32; zeros for the ones not loaded."""
+    mk = ok < K
+    if LOAD_KV:
+        S = tl.load(kv_ptr + i_nh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :],
+                    mask=mk[:, None] & (ov < V)[None, :], other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    if LOAD_Z:
+        zs = tl.load(z_ptr + i_nh.to(tl.int64) * K + ok, mask=mk, other=0.0).to(tl.float32)
+    else:
+        zs = tl.zeros([BK], dtype=tl.float32)
+    return S, zs
+
+
+@triton.jit
+def store_state(kv_ptr, z_ptr, S, zs, i_nh, ok, ov, K: tl.constexpr, V: tl.constexpr, WITH_Z):
+    """Stores what load_state loads (the normalizer tile only when WITH_Z: one value tile of each head does)."""
+    mk = ok < K
+    tl.store(kv_ptr + i_nh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :], S,
+             mask=mk[:, None] & (ov < V)[None, :])
+    if WITH_Z:
+        tl.store(z_ptr + i_nh.to(tl.int64) * K + ok, zs, mask=mk)
+
+
+@triton.jit
 def load_tile(ptr, tok, cols, mt, W: tl.constexpr, BW: tl.constexpr):
     """Rows `tok` (int64 token indices, read where mt, else 0) and columns `cols` of a row-major [*, W] tensor.
     The column mask is compiled in only when W does not fill the tiles."""

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from fastml.kernels.common import (autotune, device_of, dot_types, feature_map, features, load_tile, masked_colsum,
-                                   pow2, segment, store_tile)
+                                   load_state, pow2, scan_program, store_state, store_tile)
 from fastml._library import implement
 from fastml.kernels.linear_attention_bwd import linear_attention_bwd
 from fastml.ops.linear_attention.schema import FWD
@@ -39,27 +39,12 @@ def _fwd_kernel(q, k, v, kv0, z0, cu, o, kv, z, den, T, H, K: tl.constexpr, V: t
                 eps, scale, FMAP: tl.constexpr, NORMALIZE: tl.constexpr, HAS_STATE: tl.constexpr,
                 VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
                 BV: tl.constexpr):
-    # Grid: (sequences x heads, value tiles): the batch-sized count on axis 0, which takes up to 2^31 - 1
-    # programs (axes 1 and 2 stop at 65535).
-    i_nh = tl.program_id(0)
-    i_v = tl.program_id(1)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    b, bos, eos = segment(cu, i_n, T, VARLEN)
-    row0 = (b * H + i_h).to(tl.int64) * T
+    # Grid: (sequences x heads, value tiles).
+    i_nh, i_v, row0, bos, eos = scan_program(cu, T, H, VARLEN)
     ok = tl.arange(0, BK)
     ov = i_v * BV + tl.arange(0, BV)
     ot = tl.arange(0, BT)
-    mk = ok < K
-    mv = ov < V
-    m_kv = mk[:, None] & mv[None, :]
-    s_off = i_nh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :]
-    if HAS_STATE:
-        S = tl.load(kv0 + s_off, mask=m_kv, other=0.0).to(tl.float32)
-        zs = tl.load(z0 + i_nh.to(tl.int64) * K + ok, mask=mk, other=0.0).to(tl.float32)
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
-        zs = tl.zeros([BK], dtype=tl.float32)
+    S, zs = load_state(kv0, z0, i_nh, ok, ov, K, V, HAS_STATE, HAS_STATE, BK, BV)
     causal = ot[:, None] >= ot[None, :]
     for i in range(0, tl.cdiv(eos - bos, BT)):
         rows = bos + i * BT + ot
@@ -83,9 +68,7 @@ def _fwd_kernel(q, k, v, kv0, z0, cu, o, kv, z, den, T, H, K: tl.constexpr, V: t
             tl.store(den + tok, d, mask=mt)
         S = tl.dot(tl.trans(kd), vb, acc=S, input_precision=PREC)
         zs += masked_colsum(kf, mt, FMAP)
-    tl.store(kv + s_off, S, mask=m_kv)
-    if i_v == 0:
-        tl.store(z + i_nh.to(tl.int64) * K + ok, zs, mask=mk)
+    store_state(kv, z, S, zs, i_nh, ok, ov, K, V, i_v == 0)
 
 
 @triton.jit
@@ -98,22 +81,19 @@ def _step_kernel(q, k, v, kv0, z0, o, kv, z, H, K: tl.constexpr, V: tl.constexpr
     ov = i_v * BV + tl.arange(0, BV)
     mk = ok < K
     mv = ov < V
-    m_kv = mk[:, None] & mv[None, :]
     qf = tl.load(q + i_bh * K + ok, mask=mk, other=0.0).to(tl.float32)
     kf = tl.load(k + i_bh * K + ok, mask=mk, other=0.0).to(tl.float32)
     vf = tl.load(v + i_bh * V + ov, mask=mv, other=0.0).to(tl.float32)
     qf = tl.where(mk, feature_map(qf, FMAP) * scale, 0.0)
     kf = tl.where(mk, feature_map(kf, FMAP), 0.0)
-    s_off = i_bh * K * V + ok[:, None] * V + ov[None, :]
-    S = tl.load(kv0 + s_off, mask=m_kv, other=0.0) + kf[:, None] * vf[None, :]
-    zs = tl.load(z0 + i_bh * K + ok, mask=mk, other=0.0) + kf
+    S, zs = load_state(kv0, z0, i_bh, ok, ov, K, V, True, True, BK, BV)
+    S += kf[:, None] * vf[None, :]
+    zs += kf
     ob = tl.sum(qf[:, None] * S, 0)
     if NORMALIZE:
         ob = ob / (tl.sum(qf * zs, 0) + eps)
     tl.store(o + i_bh * V + ov, ob.to(o.dtype.element_ty), mask=mv)
-    tl.store(kv + s_off, S, mask=m_kv)
-    if i_v == 0:
-        tl.store(z + i_bh * K + ok, zs, mask=mk)
+    store_state(kv, z, S, zs, i_bh, ok, ov, K, V, i_v == 0)
 
 
 @implement("linear_attention_fwd", "triton")

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from fastml.kernels.common import (autotune, device_of, dot_types, feature_map_grad, features, load_tile,
-                                   masked_colsum, pow2, segment, store_tile)
+                                   load_state, masked_colsum, pow2, scan_program, store_state, store_tile)
 
 # Elements of the reverse scan's [K, BV] float32 state tile: value tiles of 128 for K <= 128 (one tile, so dk needs
 # no cross-tile sum); K = 256 takes 64-wide tiles, since a 256 x 128 tile spills twice as much on sm_90.
@@ -45,24 +45,11 @@ def _dq_kernel(do, q, k, v, o, den, kv0, z0, cu, dq, dd, T, H, K: tl.constexpr, 
                DT: tl.constexpr, PREC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr):
     # One program per (sequence, head, key tile of BK); values whole (BV >= V). Grid: (sequences x heads, key
     # tiles), the batch-sized count on axis 0 (up to 2^31 - 1 programs; axes 1 and 2 stop at 65535).
-    i_nh = tl.program_id(0)
-    i_k = tl.program_id(1)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    b, bos, eos = segment(cu, i_n, T, VARLEN)
-    row0 = (b * H + i_h).to(tl.int64) * T
+    i_nh, i_k, row0, bos, eos = scan_program(cu, T, H, VARLEN)
     ok = i_k * BK + tl.arange(0, BK)
     ov = tl.arange(0, BV)
     ot = tl.arange(0, BT)
-    mk = ok < K
-    mv = ov < V
-    if HAS_STATE:
-        S = tl.load(kv0 + i_nh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :],
-                    mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
-        zs = tl.load(z0 + i_nh.to(tl.int64) * K + ok, mask=mk, other=0.0).to(tl.float32)
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
-        zs = tl.zeros([BK], dtype=tl.float32)
+    S, zs = load_state(kv0, z0, i_nh, ok, ov, K, V, HAS_STATE, HAS_STATE, BK, BV)
     causal = ot[:, None] >= ot[None, :]
     for i in range(0, tl.cdiv(eos - bos, BT)):
         rows = bos + i * BT + ot
@@ -103,28 +90,12 @@ def _dkv_kernel(do, q, k, v, den, dd, gkv, gz, cu, dk, dv, dkv0, dz0, dk_tile_st
     # One program per (sequence, head, value tile of BV); keys whole (BK >= K). dv is exact per tile; dk is this
     # tile's share (the z path counted by tile 0 only), summed over tiles by the launcher when there are several.
     # Grid: (sequences x heads, value tiles), as _dq_kernel's.
-    i_nh = tl.program_id(0)
-    i_v = tl.program_id(1)
-    i_n = i_nh // H
-    i_h = i_nh % H
+    i_nh, i_v, row0, bos, eos = scan_program(cu, T, H, VARLEN)
     first = i_v == 0
-    b, bos, eos = segment(cu, i_n, T, VARLEN)
-    row0 = (b * H + i_h).to(tl.int64) * T
     ok = tl.arange(0, BK)
     ov = i_v * BV + tl.arange(0, BV)
     ot = tl.arange(0, BT)
-    mk = ok < K
-    mv = ov < V
-    m_kv = mk[:, None] & mv[None, :]
-    s_off = i_nh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :]
-    if HAS_GKV:
-        dS = tl.load(gkv + s_off, mask=m_kv, other=0.0).to(tl.float32)
-    else:
-        dS = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_GZ:
-        dz = tl.load(gz + i_nh.to(tl.int64) * K + ok, mask=mk, other=0.0).to(tl.float32)
-    else:
-        dz = tl.zeros([BK], dtype=tl.float32)
+    dS, dz = load_state(gkv, gz, i_nh, ok, ov, K, V, HAS_GKV, HAS_GZ, BK, BV)
     # Rows are keys s, columns queries t: query t sees key s when s <= t.
     anti = ot[:, None] <= ot[None, :]
     dk_tile = dk + i_v.to(tl.int64) * dk_tile_stride
@@ -159,9 +130,7 @@ def _dkv_kernel(do, q, k, v, den, dd, gkv, gz, cu, dk, dv, dkv0, dz0, dk_tile_st
         dS = tl.dot(tl.trans(qd), dnd, acc=dS, input_precision=PREC)
         if NORMALIZE:
             dz += tl.sum(qd.to(tl.float32) * ddv[:, None], 0)
-    tl.store(dkv0 + s_off, dS, mask=m_kv)
-    if first:
-        tl.store(dz0 + i_nh.to(tl.int64) * K + ok, dz, mask=mk)
+    store_state(dkv0, dz0, dS, dz, i_nh, ok, ov, K, V, first)
 
 
 def linear_attention_bwd(grad_o, grad_kv, grad_z, q, k, v, o, den, kv0, z0, cu_seqlens, fmap, normalize, scale):
