@@ -87,23 +87,23 @@ def subset_target(target, idx):
     return target
 
 
-def expand_target(target, steps):
-    if isinstance(target, list):
-        return target * steps
-    if isinstance(target, torch.Tensor) and target.numel() > 1:
-        return target.repeat(steps)
-    return target
-
-
-def format_additional(args):
+def format_additional(args, batch):
+    """A tuple; a tensor argument with a dim must have the batch as its first dim (its rows follow the examples
+    through every model call)."""
     if args is None:
         return ()
-    return args if isinstance(args, tuple) else (args,)
+    args = args if isinstance(args, tuple) else (args,)
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] != batch:
+            raise ValueError(f"additional_forward_args[{i}]: a tensor argument must have the batch ({batch}) as "
+                             f"its first dim, got shape {list(a.shape)}")
+    return args
 
 
 def subset_additional(args, idx, batch):
-    """Tensors whose first dim is the batch keep the examples `idx`; everything else passes through."""
-    if len(idx) == batch:
+    """Tensors with a dim take the rows `idx` (example indices, repeats allowed) along dim 0, as Captum repeats
+    them per step; everything else passes through."""
+    if len(idx) == batch and list(idx) == list(range(batch)):
         return args
     index = None
     out = []
@@ -113,14 +113,6 @@ def subset_additional(args, idx, batch):
             a = a.index_select(0, index)
         out.append(a)
     return tuple(out)
-
-
-def expand_additional(args, steps):
-    """Tensors with a dim are repeated once per step along dim 0 (Captum's rule); other values pass through."""
-    if steps == 1:
-        return args
-    return tuple(a.repeat(steps, *([1] * (a.dim() - 1))) if isinstance(a, torch.Tensor) and a.dim() > 0 else a
-                 for a in args)
 
 
 def _check_index(index, size, what):

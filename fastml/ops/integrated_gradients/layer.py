@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fastml.ops.integrated_gradients import _args, driver
+from fastml.ops.integrated_gradients._problem import Problem
 from fastml.ops.integrated_gradients._validate import check_options
 
 
@@ -18,19 +19,17 @@ def _as_acts(value, where):
     return acts, is_tuple
 
 
-class LayerProblem:
-    """IG with respect to a layer's activations (see driver.py for the protocol)."""
+class LayerProblem(Problem):
+    """IG with respect to a layer's activations: the model runs on its inputs while a hook replaces the layer's
+    output (input) with the points of the path."""
 
     def __init__(self, forward_func, layer, to_input, model_inputs, model_baselines, target, additional, grad_kwargs):
-        self.forward_func = forward_func
+        super().__init__(forward_func, target, additional, model_inputs[0].shape[0])
         self.layer = layer
         self.to_input = to_input
         self.model_inputs = model_inputs
         self.model_baselines = model_baselines
-        self.target = target
-        self.additional = additional
         self.grad_kwargs = grad_kwargs or {}
-        self.batch = model_inputs[0].shape[0]
         self.inputs, self.is_tuple = self._capture(model_inputs)
         self.baselines, _ = self._capture(model_baselines)
         for i, (a, b) in enumerate(zip(self.inputs, self.baselines)):
@@ -42,6 +41,9 @@ class LayerProblem:
     def _where(self):
         return "input" if self.to_input else "output"
 
+    def _hooked(self, hook):
+        return self.layer.register_forward_pre_hook(hook) if self.to_input else self.layer.register_forward_hook(hook)
+
     def _capture(self, model_inputs):
         """The layer's activations when the model runs on `model_inputs` (no gradients)."""
         seen = []
@@ -49,8 +51,7 @@ class LayerProblem:
         def hook(module, args, output=None):
             seen.append(args if self.to_input else output)
 
-        handle = (self.layer.register_forward_pre_hook(hook) if self.to_input
-                  else self.layer.register_forward_hook(hook))
+        handle = self._hooked(hook)
         try:
             with torch.no_grad():
                 self.forward_func(*model_inputs, *self.additional)
@@ -62,37 +63,24 @@ class LayerProblem:
         acts, is_tuple = _as_acts(seen[-1], self._where())
         return tuple(a.detach() for a in acts), is_tuple
 
-    def grads(self, scaled, idx, steps):
+    def forward(self, points, idx):
         model_args = _args.subset_additional(self.model_inputs + self.additional, idx, self.batch)
-        model_args = _args.expand_additional(model_args, steps)
-        target = _args.expand_target(_args.subset_target(self.target, idx), steps)
-        replacement = scaled if self.to_input or self.is_tuple else scaled[0]
+        replacement = points if self.to_input or self.is_tuple else points[0]
 
         def hook(module, args, output=None):
             return replacement
 
-        handle = (self.layer.register_forward_pre_hook(hook) if self.to_input
-                  else self.layer.register_forward_hook(hook))
+        handle = self._hooked(hook)
         try:
-            with torch.enable_grad():
-                selected = _args.select(self.forward_func(*model_args), target)
-                return torch.autograd.grad(selected.sum(), scaled, **self.grad_kwargs)
+            return self.forward_func(*model_args)
         finally:
             handle.remove()
-
-    def _evaluate(self, points):
-        out = _args.select(self.forward_func(*points, *self.additional), self.target)
-        return out.reshape(self.batch, -1).sum(1)
-
-    def endpoint_outputs(self):
-        with torch.no_grad():
-            return self._evaluate(self.model_inputs), self._evaluate(self.model_baselines)
 
 
 class LayerIntegratedGradients(_args.CaptumAttribution):
     """Drop-in for captum.attr.LayerIntegratedGradients with one layer (an nn.Module): the same constructor and
-    `attribute` with Captum's positional order; fastml's keyword options (rtol, atol, max_steps, progress,
-    backend) may follow. device_ids is accepted for compatibility; the model runs where its inputs are."""
+    `attribute` with Captum's positional order; fastml's keyword options (rtol, atol, max_steps, max_segments,
+    progress, backend) may follow. device_ids is accepted for compatibility; the model runs where its inputs are."""
 
     def __init__(self, forward_func, layer, device_ids=None, multiply_by_inputs=True):
         if not isinstance(layer, nn.Module):
@@ -101,27 +89,27 @@ class LayerIntegratedGradients(_args.CaptumAttribution):
         self.layer = layer
         self.device_ids = device_ids
 
-    def attribute(self, inputs, baselines=None, target=None, additional_forward_args=None, n_steps=50,
+    def attribute(self, inputs, baselines=None, target=None, additional_forward_args=None, n_steps=None,
                   method="gausslegendre", internal_batch_size=None, return_convergence_delta=False,
                   attribute_to_layer_input=False, grad_kwargs=None, *, rtol=None, atol=0.0, max_steps=512,
-                  progress=False, backend="auto"):
+                  max_segments=10000, progress=False, backend="auto"):
         """Attributions to the layer's output (its input with attribute_to_layer_input=True): a tensor, or a
         tuple when the layer gives several. inputs may be token ids; baselines as in integrated_gradients, in the
         inputs' dtype (e.g. a padding id). delta [B] = sum(attr) - (F(inputs) - F(baselines))."""
         inputs, _ = _args.as_tuple(inputs)
         batch = _args.check_inputs(inputs, floating=False)
         check_options(n_steps=n_steps, method=method, internal_batch_size=internal_batch_size, rtol=rtol,
-                      atol=atol, max_steps=max_steps, backend=backend)
+                      atol=atol, max_steps=max_steps, max_segments=max_segments, backend=backend)
         baselines = tuple(b.contiguous() for b in _args.format_baselines(baselines, inputs))
         _args.check_target(target, batch)
         if grad_kwargs is not None and not isinstance(grad_kwargs, dict):
             raise TypeError(f"grad_kwargs must be None or a dict, got {type(grad_kwargs).__name__}")
-        additional = _args.format_additional(additional_forward_args)
+        additional = _args.format_additional(additional_forward_args, batch)
         problem = LayerProblem(self.forward_func, self.layer, attribute_to_layer_input, inputs, baselines, target,
                                additional, grad_kwargs)
         attrs, delta = driver.run(problem, method=method, n_steps=n_steps, internal_batch_size=internal_batch_size,
                                   multiply_by_inputs=self._multiply_by_inputs,
                                   want_delta=return_convergence_delta, rtol=rtol, atol=atol, max_steps=max_steps,
-                                  progress=progress, backend=backend)
+                                  max_segments=max_segments, progress=progress, backend=backend)
         out = attrs if len(attrs) > 1 else attrs[0]
         return (out, delta) if return_convergence_delta else out

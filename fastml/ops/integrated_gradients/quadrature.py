@@ -12,8 +12,11 @@ METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid
 
 
 def check_method(method, n_steps):
+    """method is one of METHODS; n_steps an integer >= 1 (None: chosen by the caller)."""
     if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ValueError(f"method must be one of {METHODS + ('exact',)}, got {method!r}")
+    if n_steps is None:
+        return
     if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"n_steps must be an integer >= 1, got {n_steps!r}")
     if method == "riemann_trapezoid" and n_steps < 2:
@@ -131,3 +134,13 @@ def nested_levels(method, n, max_steps):
         seen = np.concatenate([seen, a[new_mask]])
         level += 1
     return levels
+
+
+def nested_pair(method, n):
+    """The first two rules of nested_levels: ((alphas [n], weights [n]) of `method`, (new_alphas, weights over
+    all nodes, the new ones last)) of its first extension. ValueError if the extension does not exist."""
+    size = 2 * n + 1 if method == "gausslegendre" else _riemann_size(method, n, 1)
+    levels = nested_levels(method, n, size)
+    if len(levels) < 2:
+        raise ValueError(f"n_steps={n}: method={method!r} has no nested extension to estimate its error with")
+    return levels[0], levels[1]
