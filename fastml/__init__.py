@@ -16,4 +16,6 @@ for _package in _library.load():
         __all__.append(_name)
 del _package, _name
 
-from fastml import nn  # noqa: E402
+from fastml import distributed, nn  # noqa: E402  (sequence-parallel ops over torch.distributed; layers)
+
+__all__.append("distributed")
