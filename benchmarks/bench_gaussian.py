@@ -6,7 +6,6 @@ summed per sample. CPU (`make bench`): B=256 latents of 64 x 16 x 16 per sample,
 "saved MB" is what the autograd graph keeps for the backward (unique storages seen by saved_tensors_hooks),
 "beyond inputs MB" the part of it that is not mu or logvar themselves (the memory the op adds).
 """
-import pytest
 import torch
 
 import fastml

@@ -82,8 +82,11 @@ def _cuda_extension_error():
     return err
 
 
-def _triton_device_error(device_type):
+def _triton_device_error(device_type, dtype=None):
     if device_type == "cpu":
+        if dtype == torch.bfloat16 and triton_cpu_error() is None:
+            # The interpreter runs kernels through numpy, which has no bfloat16 (and its bfloat16 tl.dot is wrong).
+            return "bfloat16 is not run under TRITON_INTERPRET=1 (numpy has no bfloat16)"
         return triton_cpu_error()
     if TRITON_INTERPRET:
         return "TRITON_INTERPRET=1 is set, so triton runs on CPU tensors only"
@@ -93,22 +96,23 @@ def _triton_device_error(device_type):
 @dataclass(frozen=True)
 class Kind:
     """A kind of backend. `machine_error()` says why this machine cannot run it at all (None: it can);
-    `device_error(device_type)` adds rules for one device type; `auto_devices` are the device types on which
-    backend="auto" may pick it (the others need the backend named)."""
+    `device_error(device_type, dtype)` adds rules for one device type (and dtype; None: any), such as the
+    interpreter's; `auto_devices` are the device types on which backend="auto" may pick it (the others need the
+    backend named)."""
 
     name: str
     devices: tuple
     auto_devices: tuple
     machine_error: Callable[[], Optional[str]] = lambda: None
-    device_error: Callable[[str], Optional[str]] = lambda device_type: None
+    device_error: Callable[..., Optional[str]] = lambda device_type, dtype=None: None
 
-    def why_not(self, device_type: str) -> Optional[str]:
+    def why_not(self, device_type: str, dtype: Optional[torch.dtype] = None) -> Optional[str]:
         reason = self.machine_error()
         if reason is not None:
             return reason
         if device_type not in self.devices:
             return f"it runs on {'/'.join(self.devices)} tensors, not {device_type}"
-        return self.device_error(device_type)
+        return self.device_error(device_type, dtype)
 
 
 KINDS = {k.name: k for k in (
@@ -142,7 +146,7 @@ class Backend:
         return self.kind
 
     def why_not(self, call: Call) -> Optional[str]:
-        reason = KINDS[self.kind].why_not(call.device.type)
+        reason = KINDS[self.kind].why_not(call.device.type, call.dtype)
         if reason is not None:
             return reason
         if call.dtype not in self.dtypes:

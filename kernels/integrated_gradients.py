@@ -3,7 +3,6 @@ fastml::ig_accumulate_triton (declared in fastml/ops/integrated_gradients/schema
 program owns a tile of one example's flattened elements and walks the steps, so memory traffic is one read of
 every gradient.
 """
-import torch
 import triton
 import triton.language as tl
 

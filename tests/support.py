@@ -1,6 +1,9 @@
 """What the parametrized suites share: the backends this machine runs (`TARGETS`), one input maker per op, and
-the check of a linear-attention backend against the float64 reference."""
+the check of a linear-attention backend against the float64 reference, and the runner of examples/ scripts."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -185,3 +188,20 @@ def ig_inputs(shape, S, dtype, device="cpu", *, seed=0):
     grads = torch.randn((S * shape[0],) + tuple(shape[1:]), generator=g, dtype=F64)
     return (x.to(device, dtype), xb.to(device, dtype), alphas.to(device, acc_dtype(dtype)),
             grads.to(device, dtype))
+
+
+# ---- examples/ ----
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name, *args, cwd):
+    env = dict(os.environ)
+    # The suite runs in parallel workers (pytest -n): one thread per example keeps them from oversubscribing cores.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    root = str(EXAMPLES.parent)
+    env["PYTHONPATH"] = root + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else root
+    proc = subprocess.run([sys.executable, str(EXAMPLES / name), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"{name} {' '.join(args)} exited with {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout

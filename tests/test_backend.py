@@ -143,3 +143,16 @@ def test_source_tree_mounts_the_kernels_folder(tmp_path):
     kernels_dir, cpp_ok = out.stdout.split()
     assert os.path.samefile(kernels_dir, tmp_path / "kernels")
     assert cpp_ok == "False"  # no extension was copied: the cpp backend says so instead of failing the import
+
+
+def test_interpreter_refuses_bfloat16_for_every_op():
+    """A rule of the triton kind, declared once: under the interpreter (numpy, no bfloat16) no op takes bfloat16."""
+    from fastml import _backend
+
+    if _backend.triton_cpu_error() is not None:
+        pytest.skip(_backend.triton_cpu_error())
+    call = _backend.Call(torch.device("cpu"), torch.bfloat16, {"K": 4, "V": 3})
+    for op in _backend.ops():
+        triton = _backend.op_backends(op).get("triton")
+        if triton is not None:
+            assert "bfloat16" in triton.why_not(call), op

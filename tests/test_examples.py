@@ -1,27 +1,11 @@
 """Run each script in examples/ in its quick mode, in a subprocess, and check what it claims to show."""
-import os
 import re
 import struct
-import subprocess
-import sys
 import zlib
-from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def run_example(name, *args, cwd):
-    env = dict(os.environ)
-    # The suite runs in parallel workers (pytest -n): one thread per example keeps them from oversubscribing cores.
-    env.setdefault("OMP_NUM_THREADS", "1")
-    root = str(EXAMPLES.parent)
-    env["PYTHONPATH"] = root + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else root
-    proc = subprocess.run([sys.executable, str(EXAMPLES / name), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, f"{name} {' '.join(args)} exited with {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
+from support import run_example
 
 
 def number(pattern, text):

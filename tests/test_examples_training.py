@@ -1,24 +1,8 @@
 """Run the training-objective examples (examples/vae.py, examples/regularizers.py) in their quick modes, in a
 subprocess with one thread, and check what they claim to show."""
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def run_example(name, *args, cwd):
-    env = dict(os.environ)
-    # The suite runs in parallel workers (pytest -n): one thread per example keeps them from oversubscribing cores.
-    env.setdefault("OMP_NUM_THREADS", "1")
-    root = str(EXAMPLES.parent)
-    env["PYTHONPATH"] = root + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else root
-    proc = subprocess.run([sys.executable, str(EXAMPLES / name), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, f"{name} {' '.join(args)} exited with {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
+from support import run_example
 
 
 def test_vae_example(tmp_path):

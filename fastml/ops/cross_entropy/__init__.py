@@ -334,12 +334,6 @@ def _reference_loss(logits, target, bias, weight, ignore_index, reduction, label
                                                   label_smoothing=label_smoothing)
 
 
-def _triton_supports(call):
-    if call.dtype == torch.bfloat16 and call.device.type == "cpu":
-        return "bfloat16 is not run under TRITON_INTERPRET=1 (numpy has no bfloat16)"
-    return None
-
-
 def _register():
     ops = torch.ops.fastml
     cpp = _kernel_impl(ops.logit_adjusted_ce_fwd, ops.logit_adjusted_ce_bwd)
@@ -348,7 +342,7 @@ def _register():
     for op in (OP, LINEAR_OP):
         _backend.register(op, _backend.Backend("reference", ref))
         _backend.register(op, _backend.Backend("cpp", cpp))
-        _backend.register(op, _backend.Backend("triton", triton, supports=_triton_supports))
+        _backend.register(op, _backend.Backend("triton", triton))
 
 
 _register()

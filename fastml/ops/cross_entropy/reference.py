@@ -4,7 +4,6 @@ The loss is PyTorch's cross-entropy on the adjusted logits z = logits + bias, wh
 vector over the classes). Everything is computed in the accumulation dtype (float32 for float32 and half inputs,
 float64 for float64), and the result is returned in the logits' dtype, as the kernels do.
 """
-import torch
 import torch.nn.functional as F
 
 from fastml._numerics import acc_dtype

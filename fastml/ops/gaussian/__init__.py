@@ -6,13 +6,12 @@ kernels/gaussian.py, behind the torch ops fastml::gaussian_kl_{fwd,bwd} and thei
 `gaussian_kl`, `gaussian_sample_kl`. Composite PyTorch (no backend choice): `kl_warmup`, `kl_balance`,
 `spectral_penalty`, and `soft_clamp`. The maths and decisions are in README.md beside this file.
 """
-import math
-import numbers
 from typing import Callable, NamedTuple
 
 import torch
 
 from fastml import _backend
+from fastml._args import is_real, real
 from fastml._numerics import acc_dtype
 from fastml.ops.gaussian import reference, schema  # noqa: F401  (schema declares the kernel ops)
 
@@ -30,25 +29,6 @@ class _Impl(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Validation
-
-
-def _is_real(x):
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _real(x, name, *, positive=False, nonnegative=False):
-    if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.requires_grad:
-        x = float(x)
-    if not _is_real(x):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
-    x = float(x)
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {x}")
-    if positive and x <= 0:
-        raise ValueError(f"{name} must be > 0, got {x}")
-    if nonnegative and x < 0:
-        raise ValueError(f"{name} must be >= 0, got {x}")
-    return x
 
 
 def _floating(t, name):
@@ -104,7 +84,7 @@ def soft_clamp(x, c):
     """NVAE's soft clamp c * tanh(x / c): close to x for |x| << c, never beyond +-c; differentiable. Computed in
     float32 for half inputs; returns x's dtype."""
     _floating(x, "x")
-    c = _real(c, "soft_clamp", positive=True)
+    c = real(c, "soft_clamp", positive=True)
     acc = acc_dtype(x.dtype)
     return (c * torch.tanh(x.to(acc) / c)).to(x.dtype)
 
@@ -157,9 +137,9 @@ def gaussian_sample_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, residual
     whose tanh is saved for the backward).
     """
     prior_mu, prior_logvar = _check_inputs(mu, logvar, prior_mu, prior_logvar, reduction)
-    temperature = _real(temperature, "temperature", nonnegative=True)
+    temperature = real(temperature, "temperature", nonnegative=True)
     if soft_clamp is not None:
-        c = _real(soft_clamp, "soft_clamp", positive=True)
+        c = real(soft_clamp, "soft_clamp", positive=True)
         acc = acc_dtype(mu.dtype)
         mu = (c * torch.tanh(mu.to(acc) / c)).to(mu.dtype)
         logvar = (c * torch.tanh(logvar.to(acc) / c)).to(logvar.dtype)
@@ -176,10 +156,10 @@ def kl_warmup(step, *, warmup_steps, constant_steps=0, min_coeff=1e-4):
     """NVAE's KL warm-up coefficient: min_coeff for the first `constant_steps` steps, then a linear ramp that
     reaches 1 after `warmup_steps` more, never below min_coeff: max(min((step - constant_steps) / warmup_steps, 1),
     min_coeff)."""
-    step = _real(step, "step", nonnegative=True)
-    warmup_steps = _real(warmup_steps, "warmup_steps", positive=True)
-    constant_steps = _real(constant_steps, "constant_steps", nonnegative=True)
-    min_coeff = _real(min_coeff, "min_coeff", nonnegative=True)
+    step = real(step, "step", nonnegative=True)
+    warmup_steps = real(warmup_steps, "warmup_steps", positive=True)
+    constant_steps = real(constant_steps, "constant_steps", nonnegative=True)
+    min_coeff = real(min_coeff, "min_coeff", nonnegative=True)
     if min_coeff > 1:
         raise ValueError(f"min_coeff must be in [0, 1], got {min_coeff}")
     return max(min((step - constant_steps) / warmup_steps, 1.0), min_coeff)
@@ -211,12 +191,12 @@ def kl_balance(kl_groups, *, kl_coeff, alpha=None):
             raise ValueError(f"kl_groups must be [G, B] with G >= 1, got {list(kl_groups.shape)}")
         kl = kl_groups
     G = kl.shape[0]
-    kl_coeff = _real(kl_coeff, "kl_coeff", nonnegative=True)
+    kl_coeff = real(kl_coeff, "kl_coeff", nonnegative=True)
     if alpha is None:
         a = torch.ones(G, dtype=kl.dtype, device=kl.device)
     else:
         if not isinstance(alpha, torch.Tensor):
-            if isinstance(alpha, (list, tuple)) and all(_is_real(x) for x in alpha):
+            if isinstance(alpha, (list, tuple)) and all(is_real(x) for x in alpha):
                 alpha = torch.tensor(alpha, dtype=kl.dtype, device=kl.device)
             else:
                 raise TypeError(f"alpha must be a tensor [G] or None, got {type(alpha).__name__}")
@@ -346,19 +326,12 @@ def _reference_run(mu, logvar, prior_mu, prior_logvar, seed, residual, temperatu
                                         temperature=temperature, seed=seed, reduction=red)
 
 
-def _triton_supports(call):
-    if call.dtype == torch.bfloat16 and call.device.type == "cpu":
-        return "bfloat16 is not run under TRITON_INTERPRET=1 (numpy has no bfloat16)"
-    return None
-
-
 def _register():
     ops = torch.ops.fastml
     _backend.register(OP, _backend.Backend("reference", _Impl(_reference_run)))
     _backend.register(OP, _backend.Backend("cpp", _kernel_impl(ops.gaussian_kl_fwd, ops.gaussian_kl_bwd)))
     _backend.register(OP, _backend.Backend("triton", _kernel_impl(ops.gaussian_kl_fwd_triton,
-                                                                  ops.gaussian_kl_bwd_triton),
-                                           supports=_triton_supports))
+                                                                  ops.gaussian_kl_bwd_triton)))
 
 
 _register()

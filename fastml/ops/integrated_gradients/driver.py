@@ -124,7 +124,7 @@ def weighted_sums(problem, jobs, *, max_rows, backend, bar):
     rule's weights, as for a fixed rule. A group larger than max_rows is split over pseudo-examples, and a rule
     with more than max_rows nodes over its steps (the sums carried in `acc`).
     """
-    inputs, baselines = problem.inputs, problem.baselines
+    inputs = problem.inputs
     device = inputs[0].device
     out = [None] * len(jobs)
     groups = {}

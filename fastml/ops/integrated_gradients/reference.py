@@ -2,7 +2,6 @@
 
 Both functions follow the schemas of fastml::ig_scale_inputs and fastml::ig_accumulate (csrc/fastml.cpp).
 """
-import torch
 
 from fastml._numerics import acc_dtype
 

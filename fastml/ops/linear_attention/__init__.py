@@ -213,8 +213,6 @@ def _triton_supports(call):
     reason = _kernel_head_dims(call)
     if reason is not None:
         return reason
-    if call.device.type == "cpu" and call.dtype == torch.bfloat16:
-        return "bfloat16 tl.dot is wrong under TRITON_INTERPRET=1"
     return None
 
 

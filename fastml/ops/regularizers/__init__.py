@@ -9,13 +9,12 @@ kernels/regularizers.py, behind the torch ops fastml::softmax_kl_{fwd,bwd} and t
 this file.
 """
 import contextlib
-import math
-import numbers
 from typing import Callable, NamedTuple
 
 import torch
 
 from fastml import _backend
+from fastml._args import real
 from fastml._numerics import acc_dtype
 from fastml.ops.regularizers import reference, schema  # noqa: F401  (schema declares the kernel ops)
 
@@ -34,25 +33,6 @@ class _Impl(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Validation
-
-
-def _is_real(x):
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _real(x, name, *, positive=False, nonnegative=False):
-    if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.requires_grad:
-        x = float(x)
-    if not _is_real(x):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
-    x = float(x)
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {x}")
-    if positive and x <= 0:
-        raise ValueError(f"{name} must be > 0, got {x}")
-    if nonnegative and x < 0:
-        raise ValueError(f"{name} must be >= 0, got {x}")
-    return x
 
 
 def _count(x, name, minimum=1):
@@ -114,7 +94,7 @@ def softmax_kl(p_logits, q_logits, *, reduction="batchmean", temperature=1.0, ba
         raise ValueError("the logits must have at least one class (C >= 1)")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    temperature = _real(temperature, "temperature", positive=True)
+    temperature = real(temperature, "temperature", positive=True)
     N = p_logits.shape[0]
     impl = _backend.select(OP, _backend.Call(p_logits.device, p_logits.dtype), backend).impl
     scale = None if reduction == "none" else (1.0 if reduction == "sum" else 1.0 / max(N, 1))
@@ -244,8 +224,8 @@ def vat_loss(model, x, *, logits=None, xi=1e-6, eps=1.0, n_power_iterations=1, g
     """
     _check_model(model)
     _check_x(x)
-    xi = _real(xi, "xi", positive=True)
-    eps = _real(eps, "eps", positive=True)
+    xi = real(xi, "xi", positive=True)
+    eps = real(eps, "eps", positive=True)
     n_power_iterations = _count(n_power_iterations, "n_power_iterations", 0)
     _check_generator(generator, x.device)
     with _frozen_norm_statistics(model):
@@ -337,10 +317,10 @@ def gradient_penalty_backward(loss_fn, inputs, *, weight, mode="finite_differenc
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     xs, rebuild = _as_inputs(inputs)
-    weight = _real(weight, "weight")
+    weight = real(weight, "weight")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    h = _real(h, "h", positive=True)
+    h = real(h, "h", positive=True)
     xs = tuple(x.detach().requires_grad_(True) for x in xs)
     if mode == "double_backward":
         loss = _scalar_loss(loss_fn(rebuild(xs)))
@@ -393,7 +373,7 @@ def noise_consistency(model, x, *, sigma, n_samples=1, generator=None):
     """
     _check_model(model)
     _check_x(x)
-    sigma = _real(sigma, "sigma", nonnegative=True)
+    sigma = real(sigma, "sigma", nonnegative=True)
     n_samples = _count(n_samples, "n_samples", 1)
     _check_generator(generator, x.device)
     f0 = model(x)
@@ -412,18 +392,12 @@ def noise_consistency(model, x, *, sigma, n_samples=1, generator=None):
 # Backends
 
 
-def _triton_supports(call):
-    if call.dtype == torch.bfloat16 and call.device.type == "cpu":
-        return "bfloat16 is not run under TRITON_INTERPRET=1 (numpy has no bfloat16)"
-    return None
-
-
 def _register():
     ops = torch.ops.fastml
     _backend.register(OP, _backend.Backend("reference", _Impl(_reference_rows)))
     _backend.register(OP, _backend.Backend("cpp", _kernel_impl(ops.softmax_kl_fwd, ops.softmax_kl_bwd)))
-    _backend.register(OP, _backend.Backend("triton", _kernel_impl(ops.softmax_kl_fwd_triton, ops.softmax_kl_bwd_triton),
-                                           supports=_triton_supports))
+    _backend.register(OP, _backend.Backend("triton", _kernel_impl(ops.softmax_kl_fwd_triton,
+                                                                  ops.softmax_kl_bwd_triton)))
 
 
 _register()
