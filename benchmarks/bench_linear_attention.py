@@ -1,8 +1,10 @@
 """Causal linear attention: every available backend against the reference (and peers where installed).
 
-CPU (`make bench`): B=2, H=8, T in {512, 2048, 8192}, K=V=64, float32, normalize=False; effective GFLOP/s count the
-recurrence's 4*T*K*V per head for the forward and three times that for forward+backward, as a fraction of the
-sgemm peak measured in this run; peak memory is what one call adds to a fresh process's VmHWM.
+CPU (`make bench`): B=2, H=8, T in {512, 2048, 8192, 32768}, K=V=64, float32, normalize=False (the reference is
+left out at T=32768: seconds per call); effective GFLOP/s count the recurrence's 4*T*K*V per head for the forward
+and three times that for forward+backward, as a fraction of the sgemm peak measured in this run; peak memory is
+what one call adds to a fresh process's VmHWM. One sequence and one head at T=65536 (B1 H1, K=V=64) runs on 1 and
+on 2 threads: the speed-up of the segment-parallel path of the cpp kernels.
 CUDA (`make bench-gpu`): flash-linear-attention's published shapes in bfloat16; GB/s against the copy bandwidth
 measured in this run (bytes: q, k, v read and o written; the backward adds o, do read and dq, dk, dv written).
 """
@@ -13,7 +15,9 @@ import torch
 
 import fastml
 
-CPU_SHAPES = [(2, 8, 512, 64, 64), (2, 8, 2048, 64, 64), (2, 8, 8192, 64, 64)]
+CPU_SHAPES = [(2, 8, 512, 64, 64), (2, 8, 2048, 64, 64), (2, 8, 8192, 64, 64), (2, 8, 32768, 64, 64)]
+CPU_REFERENCE_MAX_T = 8192
+THREADS_SHAPE = (1, 1, 65536, 64, 64)
 GPU_SHAPES = [(4, 64, 4096, 128, 128), (8, 32, 2048, 256, 256), (2, 16, 16384, 128, 128)]
 MEMORY_SHAPE = (1, 8, 32768, 64, 64)
 _REFERENCE_MS = {}
@@ -49,7 +53,8 @@ def _case(device):
         backends = ["reference", "triton", "cuda", "fla"]
         return [(s, b, p, n) for s in GPU_SHAPES for n in (False, True) for p in ("fwd", "fwd+bwd")
                 for b in backends]
-    return [(s, b, p, False) for s in CPU_SHAPES for p in ("fwd", "fwd+bwd") for b in ("reference", "cpp")]
+    return [(s, b, p, False) for s in CPU_SHAPES for p in ("fwd", "fwd+bwd") for b in ("reference", "cpp")
+            if b != "reference" or s[2] <= CPU_REFERENCE_MAX_T]
 
 
 def pytest_generate_tests(metafunc):
@@ -101,7 +106,7 @@ def test_linear_attention(benchmark, case, device, results):
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    ms = _time(benchmark, fn, device, T)
+    ms = _time(benchmark, fn, device, T, backend)
     flops = 4 * T * K * V * B * H * (3 if kind == "fwd+bwd" else 1)
     key = ((B, H, T, K, V), kind, normalize)
     if backend == "reference":
@@ -120,10 +125,58 @@ def test_linear_attention(benchmark, case, device, results):
     results.add(f"causal_linear_attention ({device})", row)
 
 
-def _time(benchmark, fn, device, T):
+def _time(benchmark, fn, device, T, backend=None):
     from runner import time_ms
 
-    return time_ms(benchmark, fn, device, rounds=3 if T >= 8192 else 7)
+    # The reference takes seconds per call at long T; the kernels get enough rounds for a steady median.
+    slow = T >= 8192 and backend == "reference" or T >= 32768
+    return time_ms(benchmark, fn, device, rounds=3 if slow else 7)
+
+
+_ONE_THREAD_MS = {}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kind", ["fwd", "fwd+bwd"])
+def test_linear_attention_threads(benchmark, kind, threads, device, results):
+    """B1 H1 T65536: one (sequence, head) unit, which only the segment-parallel path spreads over threads."""
+    if device != "cpu":
+        pytest.skip("the thread scaling is a CPU measurement")
+    reason = _available("cpp", device, torch.float32, THREADS_SHAPE[3], THREADS_SHAPE[4])
+    if reason:
+        pytest.skip(reason)
+    B, H, T, K, V = THREADS_SHAPE
+    g = torch.Generator().manual_seed(0)
+    leaves = [(torch.randn(B, H, T, d, generator=g) * 0.3).requires_grad_(kind == "fwd+bwd") for d in (K, K, V)]
+    do = torch.randn(B, H, T, V, generator=g)
+
+    def fn():
+        with torch.set_grad_enabled(kind == "fwd+bwd"):
+            o = fastml.causal_linear_attention(*leaves, normalize=False, backend="cpp")
+        if kind == "fwd+bwd":
+            torch.autograd.backward(o, do)
+            for t in leaves:
+                t.grad = None
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ms = time_threads(benchmark, fn)
+    finally:
+        torch.set_num_threads(before)
+    if threads == 1:
+        _ONE_THREAD_MS[kind] = ms
+    one = _ONE_THREAD_MS.get(kind)
+    gflops = 4 * T * K * V * B * H * (3 if kind == "fwd+bwd" else 1) / ms / 1e6
+    results.add("causal_linear_attention threads (cpu)",
+                {"shape": f"B{B} H{H} T{T} K{K} V{V}", "pass": kind, "backend": "cpp", "threads": threads, "ms": ms,
+                 "GFLOP/s": gflops, "x 1 thread": (one / ms) if one else ""})
+
+
+def time_threads(benchmark, fn):
+    from runner import time_ms
+
+    return time_ms(benchmark, fn, "cpu", rounds=7)
 
 
 def _peak_mb(B, H, T, K, V, backend, kind):
@@ -138,7 +191,7 @@ def _peak_mb(B, H, T, K, V, backend, kind):
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_linear_attention_memory(benchmark, backend, device, results):
-    """The issue's memory bound: a forward at B=1, H=8, T=32768, K=V=64 float32 (fresh process, VmHWM)."""
+    """Peak memory of a forward at B=1, H=8, T=32768, K=V=64 float32 (fresh process, VmHWM)."""
     if device != "cpu":
         pytest.skip("the memory check is a CPU measurement")
     B, H, T, K, V = MEMORY_SHAPE

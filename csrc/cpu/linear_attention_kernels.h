@@ -68,6 +68,76 @@ void scan(T* M, const T* a, const T* c, int64_t rows, const T* b, T* out, int64_
   }
 }
 
+// M += sum_t a_t^T b_t over n tokens, with a [n, rows] (token stride rows) and b [n, cols]: the state update of
+// scan without its output, for the segment sums of the segment-parallel path. R rows x two vectors of M stay in
+// registers (2R accumulators), so that each broadcast of a_t[i] feeds two multiply-adds.
+template <typename T, int R, int W>
+void accumulate_block(T* __restrict M, int64_t ldm, const T* __restrict a, int64_t lda, const T* __restrict b,
+                      int64_t ldb, int64_t n) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  V m[R][W];
+  for (int i = 0; i < R; ++i) {
+    for (int w = 0; w < W; ++w) m[i][w] = *reinterpret_cast<const V*>(M + i * ldm + w * L);
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    const T* at = a + t * lda;
+    V bt[W];
+    for (int w = 0; w < W; ++w) bt[w] = *reinterpret_cast<const V*>(b + t * ldb + w * L);
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const T ai = at[i];
+      for (int w = 0; w < W; ++w) m[i][w] += ai * bt[w];
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int w = 0; w < W; ++w) *reinterpret_cast<V*>(M + i * ldm + w * L) = m[i][w];
+  }
+}
+
+// Rows [r, rows) of M with W vectors per row tile: tiles of R rows, then the 8- or 4-row remainder.
+template <typename T, int R, int W>
+void accumulate_rows(T* M, const T* a, int64_t rows, const T* b, int64_t cols, int64_t j, int64_t n) {
+  int64_t r = 0;
+  for (; r + R <= rows; r += R) accumulate_block<T, R, W>(M + r * cols + j, cols, a + r, rows, b + j, cols, n);
+  for (; r + 4 <= rows; r += 4) accumulate_block<T, 4, W>(M + r * cols + j, cols, a + r, rows, b + j, cols, n);
+  for (; r < rows; r += 2) accumulate_block<T, 2, W>(M + r * cols + j, cols, a + r, rows, b + j, cols, n);
+}
+
+template <typename T>
+void accumulate(T* M, const T* a, int64_t rows, const T* b, int64_t cols, int64_t n) {
+  constexpr int64_t L = kLanes<T>;
+  int64_t j = 0;
+  if constexpr (kVecRegs >= 32) {
+    // 6 rows x 4 vectors: 24 accumulators, 4 loads of b_t and one broadcast per token fit the 32 registers; each
+    // token costs 24 multiply-adds for 10 loads.
+    for (; j + 4 * L <= cols; j += 4 * L) accumulate_rows<T, 6, 4>(M, a, rows, b, cols, j, n);
+  }
+  for (; j + 2 * L <= cols; j += 2 * L) accumulate_rows<T, kRowTile / 2, 2>(M, a, rows, b, cols, j, n);
+  for (; j < cols; j += L) accumulate_rows<T, kRowStep, 1>(M, a, rows, b, cols, j, n);
+}
+
+// Per-thread scratch of at least n elements, 64-byte aligned, kept for the thread's lifetime and grown when a
+// call needs more: a kernel call takes its working set from here instead of allocating (and page-faulting in)
+// fresh memory every time. One live use per thread at a time (each parallel body takes it once).
+template <typename T>
+T* thread_scratch(int64_t n) {
+  struct Holder {
+    void* p = nullptr;
+    size_t bytes = 0;
+    ~Holder() { std::free(p); }
+  };
+  thread_local Holder h;
+  const size_t need = static_cast<size_t>(round_up(std::max<int64_t>(n, 1) * static_cast<int64_t>(sizeof(T)), 64));
+  if (need > h.bytes) {
+    std::free(h.p);
+    h.p = std::aligned_alloc(64, need);
+    h.bytes = h.p != nullptr ? need : 0;
+    TORCH_CHECK(h.p != nullptr, "fastml: out of memory allocating ", need, " bytes of scratch");
+  }
+  return static_cast<T*>(h.p);
+}
+
 // dst [n, ld] = mul * phi(src [n, d]) in the compute type, zero in the padding columns d..ld.
 template <typename acc_t, typename scalar_t, typename F>
 void map_rows(const scalar_t* src, int64_t n, int64_t d, acc_t* dst, int64_t ld, F f) {
