@@ -3,6 +3,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastml._numerics import acc_dtype
 from fastml.distributed import causal_linear_attention as sequence_parallel_attention
 from fastml.ops.linear_attention import LinearAttentionState, causal_linear_attention, linear_attention_step
 from fastml.ops.linear_attention._validate import check_feature_map, check_scalars
@@ -84,7 +85,7 @@ class CausalLinearAttention(nn.Module):
     def initial_state(self, batch_size, device=None):
         """Zero state for `batch_size` sequences (float32, float64 for a float64 layer)."""
         w = self.qkv_proj.weight
-        sd = torch.float64 if w.dtype == torch.float64 else torch.float32
+        sd = acc_dtype(w.dtype)
         shape = (batch_size, self.num_heads, self.head_dim)
         return LinearAttentionState(w.new_zeros(*shape, self.head_dim, dtype=sd, device=device),
                                     w.new_zeros(*shape, dtype=sd, device=device))

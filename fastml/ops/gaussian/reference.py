@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from fastml._numerics import acc_dtype
+
 MASK = 0xFFFFFFFF
 M1, M2 = 0x7FEB352D, 0x846CA68B
 MAX_ELEMENTS = 1 << 32  # the counter is 32 bits wide
@@ -61,10 +63,6 @@ def standard_normal(n, seed, dtype=torch.float64, device=None):
     return e.to(dtype)
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _prior(mu, prior_mu, prior_logvar):
     pm = torch.zeros_like(mu) if prior_mu is None else prior_mu.to(mu.dtype)
     plv = torch.zeros_like(mu) if prior_logvar is None else prior_logvar.to(mu.dtype)
@@ -77,7 +75,7 @@ def kl_elements(mu, logvar, prior_mu=None, prior_logvar=None, residual=False):
     Plain: q = N(mu, exp(logvar)), p = N(prior_mu, exp(prior_logvar)). Residual: q = N(prior_mu + mu,
     exp(prior_logvar + logvar)). Written with differences of log variances and exp(-prior_logvar), never a ratio
     of two exponentials, so that large log variances give inf where the exact value overflows, not NaN."""
-    acc = _acc(mu.dtype)
+    acc = acc_dtype(mu.dtype)
     mu, logvar = mu.to(acc), logvar.to(acc)
     pm, plv = _prior(mu, None if prior_mu is None else prior_mu.to(acc),
                      None if prior_logvar is None else prior_logvar.to(acc))
@@ -107,7 +105,7 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, residual=False,
 def gaussian_sample_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, residual=False, temperature=1.0,
                        seed, reduction="per_sample"):
     """(z, KL) with z = mean_q + temperature * std_q * e, e the counter-based noise of `seed` (int64 [1])."""
-    acc = _acc(mu.dtype)
+    acc = acc_dtype(mu.dtype)
     e = standard_normal(mu.numel(), seed, acc, mu.device).reshape(mu.shape)
     mu_a, lv_a = mu.to(acc), logvar.to(acc)
     if residual:

@@ -2,10 +2,12 @@
 code in __init__.py and need no separate reference."""
 import torch
 
+from fastml._numerics import acc_dtype
+
 
 def softmax_kl_rows(p_logits, q_logits, temperature=1.0):
     """KL(softmax(p / T) || softmax(q / T)) per row [N], in the accumulation dtype (float32 for half inputs)."""
-    acc = torch.float64 if p_logits.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(p_logits.dtype)
     a = p_logits.to(acc) / temperature
     b = q_logits.to(acc) / temperature
     la = torch.log_softmax(a, dim=-1)
