@@ -19,13 +19,21 @@ MAX_BC = 2048
 
 
 @triton.jit
+def _load_rows(p, q, rows64, mr, c0, C, inv_t, at, BC: tl.constexpr):
+    """Columns [c0, c0 + BC) of rows `rows64` of both logit matrices, divided by the temperature (-inf where
+    masked), with the offsets and mask to store results at the same places."""
+    cols = c0 + tl.arange(0, BC)
+    msk = mr[:, None] & (cols < C)[None, :]
+    off = rows64[:, None] * C + cols[None, :]
+    a = tl.load(p + off, mask=msk, other=float("-inf")).to(at) * inv_t
+    b = tl.load(q + off, mask=msk, other=float("-inf")).to(at) * inv_t
+    return a, b, off, msk
+
+
+@triton.jit
 def _grad_rows(p, q, dp, dq, rows64, mr, C, inv_t, k, lse_a, lse_b, ev, at, BC: tl.constexpr):
     for c0 in range(0, C, BC):
-        cols = c0 + tl.arange(0, BC)
-        msk = mr[:, None] & (cols < C)[None, :]
-        off = rows64[:, None] * C + cols[None, :]
-        a = tl.load(p + off, mask=msk, other=float("-inf")).to(at) * inv_t
-        b = tl.load(q + off, mask=msk, other=float("-inf")).to(at) * inv_t
+        a, b, off, msk = _load_rows(p, q, rows64, mr, c0, C, inv_t, at, BC)
         pa = tl.exp(a - lse_a[:, None])
         qb = tl.exp(b - lse_b[:, None])
         gp = tl.where(pa > 0, k[:, None] * pa * (a - b - ev[:, None]), 0.0)
@@ -47,11 +55,7 @@ def _fwd_kernel(p, q, consts, kl, stats, dp, dq, N, C, GRAD: tl.constexpr, BR: t
     sb = tl.zeros([BR], at)
     t = tl.zeros([BR], at)
     for c0 in range(0, C, BC):
-        cols = c0 + tl.arange(0, BC)
-        msk = mr[:, None] & (cols < C)[None, :]
-        off = rows64[:, None] * C + cols[None, :]
-        a = tl.load(p + off, mask=msk, other=float("-inf")).to(at) * inv_t
-        b = tl.load(q + off, mask=msk, other=float("-inf")).to(at) * inv_t
+        a, b, off, msk = _load_rows(p, q, rows64, mr, c0, C, inv_t, at, BC)
         na = tl.maximum(ma, tl.max(a, axis=1))
         nb = tl.maximum(mb, tl.max(b, axis=1))
         ca = tl.where(na == float("-inf"), 0.0, na)
