@@ -8,7 +8,9 @@
 // runs the KL, the sample and the gradients as flat loops that the compiler vectorizes. Per-task partial sums of
 // the KL are added per sample in a fixed order, so results do not depend on the thread count. The float path uses
 // polynomial exp / log / sin / cos written so that loops over them vectorize (a libm call stops GCC from
-// vectorizing); float64 uses the C library.
+// vectorizing), forced inline (a loop that calls an out-of-line function runs scalar); float64 uses the C
+// library. The noise is used in place in the block's pair buffer, and the gradients of mu and logvar are written
+// straight from the inputs, without copying them into scratch first.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -29,7 +31,11 @@ namespace {
 constexpr int64_t kBlock = 512;    // elements per inner block
 constexpr int64_t kChunk = 16384;  // elements per parallel task
 
-inline uint32_t mix(uint32_t x) {
+// The element helpers are forced inline: GCC otherwise keeps Math<float>::exp (called from several loops) out of
+// line, and a loop that calls a function does not vectorize.
+#define FASTML_GK_INLINE inline __attribute__((always_inline))
+
+FASTML_GK_INLINE uint32_t mix(uint32_t x) {
   x ^= x >> 16;
   x *= 0x7feb352dU;
   x ^= x >> 15;
@@ -38,10 +44,10 @@ inline uint32_t mix(uint32_t x) {
   return x;
 }
 
-inline uint32_t noise_bits(uint32_t c, uint32_t k0, uint32_t k1) { return mix(mix(c ^ k0) + k1); }
+FASTML_GK_INLINE uint32_t noise_bits(uint32_t c, uint32_t k0, uint32_t k1) { return mix(mix(c ^ k0) + k1); }
 
 template <typename T>
-inline T from_bits_i32(int32_t b) {
+FASTML_GK_INLINE T from_bits_i32(int32_t b) {
   T f;
   std::memcpy(&f, &b, sizeof(f));
   return f;
@@ -49,7 +55,7 @@ inline T from_bits_i32(int32_t b) {
 
 // sqrt(x) for x >= 0 as x / sqrt(x) from the classic bit-level estimate of 1 / sqrt(x) and three Newton steps
 // (float precision); std::sqrt keeps a branch for errno that stops the loop from vectorizing. Gives 0 at 0.
-inline float sqrt_nonneg(float x) {
+FASTML_GK_INLINE float sqrt_nonneg(float x) {
   int32_t b;
   std::memcpy(&b, &x, 4);
   float y = from_bits_i32<float>(0x5f3759df - (b >> 1));
@@ -67,7 +73,7 @@ struct Math;
 template <>
 struct Math<float> {
   // exp over the whole float range: inf above log(FLT_MAX), 0 below the smallest subnormal, NaN passes.
-  static inline float exp(float x) {
+  static FASTML_GK_INLINE float exp(float x) {
     constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
     const float xc = x < -104.0f ? -104.0f : (x > 89.0f ? 89.0f : x);
     const float y = xc * 1.44269504088896341f + kMagic;
@@ -93,7 +99,7 @@ struct Math<float> {
   }
 
   // e[0], e[1] of one pair from its two 32-bit words (Box-Muller, reference.py).
-  static inline void pair(uint32_t h1, uint32_t h2, float& c, float& s) {
+  static FASTML_GK_INLINE void pair(uint32_t h1, uint32_t h2, float& c, float& s) {
     // log u1 with u1 = m / 2^24, m = (h1 >> 8) + 1 in [1, 2^24] (exact in float).
     const float f = static_cast<float>(static_cast<int32_t>((h1 >> 8) + 1));
     int32_t b;
@@ -149,9 +155,10 @@ struct Math<double> {
   }
 };
 
-// The noise of elements [lo, lo + n) into out[0 .. n) (n <= kBlock). pairs: scratch of kBlock + 2 elements.
+// The noise of elements [lo, lo + n) (n <= kBlock), generated into pairs (scratch of kBlock + 2 elements);
+// returns where element lo lies in it.
 template <typename A>
-void noise(int64_t lo, int64_t n, uint32_t k0, uint32_t k1, A* out, A* pairs) {
+const A* noise(int64_t lo, int64_t n, uint32_t k0, uint32_t k1, A* pairs) {
   const int64_t p0 = lo >> 1, p1 = (lo + n + 1) >> 1;
   const int64_t np = p1 - p0;
 #pragma omp simd
@@ -162,8 +169,7 @@ void noise(int64_t lo, int64_t n, uint32_t k0, uint32_t k1, A* out, A* pairs) {
     pairs[2 * q] = cv;
     pairs[2 * q + 1] = sv;
   }
-  const A* src = pairs + (lo - 2 * p0);
-  for (int64_t i = 0; i < n; ++i) out[i] = src[i];
+  return pairs + (lo - 2 * p0);
 }
 
 template <typename scalar_t, typename A>
@@ -247,8 +253,7 @@ void fwd_impl(const at::Tensor& mu, const at::Tensor& lv, const at::Tensor* pm, 
       const A* l = load(lvp + b0, n, s.lv);
       const A* e = nullptr;
       if (a.sample) {
-        noise<A>(b0, n, a.k0, a.k1, s.e, s.pairs);
-        e = s.e;
+        e = noise<A>(b0, n, a.k0, a.k1, s.pairs);
       }
       A* zb = a.sample ? out_buf(zp + b0, s.o1) : nullptr;
       A* kb = s.o2;
@@ -345,34 +350,41 @@ void bwd_impl(const at::Tensor* gz_t, const at::Tensor& gk_t, const at::Tensor& 
       const int64_t n = std::min(kBlock, hi - b0);
       const A* m = load(mup + b0, n, s.mu);
       const A* l = load(lvp + b0, n, s.lv);
+      const A* gk = s.gk;
       if (gke) {
-        const A* g = load(gke + b0, n, s.gk);
-        if (g != s.gk) std::memcpy(s.gk, g, sizeof(A) * n);
+        gk = load(gke + b0, n, s.gk);
       } else {
         const A g = gks[b];
         for (int64_t i = 0; i < n; ++i) s.gk[i] = g;
       }
-      const A* gk = s.gk;
       // Without a gradient for z, e and gz are zero: the z terms vanish.
-      if (with_z) {
-        noise<A>(b0, n, a.k0, a.k1, s.e, s.pairs);
-        const A* g = load(gzp + b0, n, s.gz);
-        if (g != s.gz) std::memcpy(s.gz, g, sizeof(A) * n);
-      } else {
-        for (int64_t i = 0; i < n; ++i) s.e[i] = s.gz[i] = A(0);
-      }
       const A* e = s.e;
       const A* gz = s.gz;
+      if (with_z) {
+        e = noise<A>(b0, n, a.k0, a.k1, s.pairs);
+        gz = load(gzp + b0, n, s.gz);
+      }
       A* o_mu = out_buf(dmup + b0, s.o1);
       A* o_lv = out_buf(dlvp + b0, s.o2);
       if (!prior) {
+        if (with_z) {
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) {
-          const A sd = Math<A>::exp(A(0.5) * l[i]);
-          o_mu[i] = gk[i] * m[i] + gz[i];
-          o_lv[i] = gk[i] * A(0.5) * (sd * sd - A(1)) + gz[i] * A(0.5) * T * sd * e[i];
+          for (int64_t i = 0; i < n; ++i) {
+            const A sd = Math<A>::exp(A(0.5) * l[i]);
+            o_mu[i] = gk[i] * m[i] + gz[i];
+            o_lv[i] = gk[i] * A(0.5) * (sd * sd - A(1)) + gz[i] * A(0.5) * T * sd * e[i];
+          }
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) {
+            o_mu[i] = gk[i] * m[i];
+            o_lv[i] = gk[i] * A(0.5) * (Math<A>::exp(l[i]) - A(1));
+          }
         }
       } else {
+        if (!with_z) {
+          for (int64_t i = 0; i < n; ++i) s.e[i] = s.gz[i] = A(0);
+        }
         const A* pmb = pmp ? load(pmp + b0, n, s.pm) : nullptr;
         const A* plb = plvp ? load(plvp + b0, n, s.plv) : nullptr;
         if (!pmb) {
@@ -496,6 +508,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_bwd_cpu(
 }
 
 }  // namespace
+
+#undef FASTML_GK_INLINE
 
 TORCH_LIBRARY_IMPL(fastml, CPU, m) {
   m.impl("gaussian_kl_fwd", &gaussian_kl_fwd_cpu);
