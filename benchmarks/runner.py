@@ -96,6 +96,25 @@ class Results:
         self.rows = {}
         self.machine = {}
         self.device = "cpu"
+        self._kept = None  # tables of an earlier run of the same day that this run does not measure
+
+    def _path(self):
+        stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}-{self.device}"
+        return os.path.join(RESULTS_DIR, stem)
+
+    def _load_kept(self):
+        """The day's earlier results, read once before this run first writes: running one benchmark file keeps the
+        other ops' tables of the day (each with the machine peaks of its own run)."""
+        if self._kept is not None:
+            return
+        self._kept = {}
+        try:
+            with open(self._path() + ".json") as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            return
+        for op, rows in old.get("tables", {}).items():
+            self._kept[op] = {"rows": rows, "machine": old.get("kept machine", {}).get(op, old.get("machine", {}))}
 
     def add(self, op, row):
         self.rows.setdefault(op, []).append(row)
@@ -119,14 +138,23 @@ class Results:
                 out[op].append(full)
         return out
 
+    def _kept_tables(self):
+        return {op: k for op, k in (self._kept or {}).items() if op not in self.rows}
+
     def markdown(self):
         lines = []
         if self.machine:
             lines.append("Machine: " + ", ".join(f"{k} {v}" for k, v in self.machine.items()))
             lines.append("")
-        for op, rows in self._tables().items():
+        kept = self._kept_tables()
+        tables = {**{op: k["rows"] for op, k in kept.items()}, **self._tables()}
+        for op, rows in tables.items():
             cols = list(dict.fromkeys(c for r in rows for c in r))
             lines.append(f"### {op}")
+            if op in kept:
+                lines.append("")
+                lines.append("(From an earlier run today, with that run's machine: "
+                             + ", ".join(f"{k} {v}" for k, v in kept[op]["machine"].items()) + ".)")
             lines.append("")
             lines.append("| " + " | ".join(cols) + " |")
             lines.append("|" + "---|" * len(cols))
@@ -139,10 +167,13 @@ class Results:
         if not self.rows:
             return None
         os.makedirs(RESULTS_DIR, exist_ok=True)
-        stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}-{self.device}"
-        path = os.path.join(RESULTS_DIR, stem)
+        self._load_kept()
+        path = self._path()
+        kept = self._kept_tables()
         with open(path + ".json", "w") as f:
-            json.dump({"machine": self.machine, "tables": self._tables()}, f, indent=1)
+            json.dump({"machine": self.machine, "tables": {**{op: k["rows"] for op, k in kept.items()},
+                                                          **self._tables()},
+                       "kept machine": {op: k["machine"] for op, k in kept.items()}}, f, indent=1)
         with open(path + ".md", "w") as f:
             f.write(self.markdown() + "\n")
         return path
