@@ -91,12 +91,20 @@ def check_cu_seqlens(cu_seqlens, q):
     if q.shape[0] != 1:
         raise ValueError(f"cu_seqlens needs q, k, v packed with batch size 1, got B = {q.shape[0]}")
     if not torch.compiler.is_compiling():
-        T = q.shape[2]
-        vals = cu_seqlens.tolist()
-        if vals[0] != 0:
-            raise ValueError(f"cu_seqlens must start at 0, got {vals[0]}")
-        if any(b < a for a, b in zip(vals, vals[1:])):
-            raise ValueError("cu_seqlens must be non-decreasing")
-        if vals[-1] != T:
-            raise ValueError(f"cu_seqlens must end at the sequence length T = {T}, got {vals[-1]}")
+        reason = cu_seqlens_error(cu_seqlens.tolist(), q.shape[2])
+        if reason is not None:
+            raise ValueError(reason)
     return cu_seqlens.numel() - 1
+
+
+def cu_seqlens_error(vals, T):
+    """What is wrong with the offsets `vals` (a list) of sequences packed in T tokens, or None: the one statement of
+    the rule (0 first, non-decreasing, T last), shared by the public functions and the kernel ops' check."""
+    if vals[0] != 0:
+        return f"cu_seqlens must start at 0, got {vals[0]}"
+    if vals[-1] != T:
+        return f"cu_seqlens must end at the sequence length T = {T}, got {vals[-1]}"
+    bad = next((i for i in range(len(vals) - 1) if vals[i + 1] < vals[i]), None)
+    if bad is not None:
+        return f"cu_seqlens must be non-decreasing, got {vals[bad]} then {vals[bad + 1]} at index {bad}"
+    return None

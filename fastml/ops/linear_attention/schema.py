@@ -17,6 +17,7 @@ import torch
 
 from fastml._library import OpSchema, declare
 from fastml._numerics import acc_dtype
+from fastml.ops.linear_attention._validate import cu_seqlens_error
 
 
 def _fail(cls, msg):
@@ -46,14 +47,9 @@ def check_cu_seqlens(cu_seqlens, T):
         ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == T) & (cu_seqlens.diff() >= 0).all()
         torch._assert_async(ok, f"cu_seqlens must start at 0, be non-decreasing and end at T = {T}")
         return
-    vals = cu_seqlens.tolist()
-    if vals[0] != 0:
-        _fail(ValueError, f"cu_seqlens must start at 0, got {vals[0]}")
-    if vals[-1] != T:
-        _fail(ValueError, f"cu_seqlens must end at the sequence length T = {T}, got {vals[-1]}")
-    bad = next((i for i in range(len(vals) - 1) if vals[i + 1] < vals[i]), None)
-    if bad is not None:
-        _fail(ValueError, f"cu_seqlens must be non-decreasing, got {vals[bad]} then {vals[bad + 1]} at index {bad}")
+    reason = cu_seqlens_error(cu_seqlens.tolist(), T)
+    if reason is not None:
+        _fail(ValueError, reason)
 
 
 def _check_fwd(q, k, v, kv0, z0, cu_seqlens, feature_map, normalize, eps, scale):
