@@ -2,9 +2,9 @@
 import torch
 from torch import nn
 
+from fastml._args import real
 from fastml.ops.cross_entropy import (
     _check_options,
-    _check_tau,
     _log_prior,
     linear_logit_adjusted_cross_entropy,
     logit_adjusted_cross_entropy,
@@ -28,7 +28,7 @@ class _Options(nn.Module):
     def __init__(self, log_prior, class_counts, tau, weight, weight_name, ignore_index, reduction, label_smoothing):
         super().__init__()
         _check_options(ignore_index, reduction, label_smoothing)
-        self.tau = _check_tau(tau)
+        self.tau = real(tau, "tau")
         if log_prior is not None and class_counts is not None:
             raise ValueError("give log_prior or class_counts, not both")
         lp = None

@@ -6,13 +6,12 @@ fastml::logit_adjusted_ce_{fwd,bwd}) and `triton` (kernels/cross_entropy.py, beh
 fastml::logit_adjusted_ce_{fwd,bwd}_triton). The ops are declared in schema.py; the maths, the decisions and the
 measurements are in README.md beside this file.
 """
-import math
-import numbers
 from typing import Callable, NamedTuple
 
 import torch
 
 from fastml import _backend
+from fastml._args import is_real, real
 from fastml._numerics import acc_dtype
 from fastml.ops.cross_entropy import reference, schema  # noqa: F401  (schema declares the kernel ops)
 from fastml.ops.cross_entropy.reference import REDUCTIONS
@@ -38,10 +37,6 @@ class _Impl(NamedTuple):
 # Validation
 
 
-def _is_number(x):
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
 def _check_tensor(t, name):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -61,7 +56,7 @@ def _check_logits(logits, name="logits"):
 def _check_class_vector(v, name, C, device, *, floating=True):
     """A [C] tensor (or a sequence of numbers) on `device`; returns it as a tensor."""
     if not isinstance(v, torch.Tensor):
-        if isinstance(v, (list, tuple)) and all(_is_number(x) for x in v):
+        if isinstance(v, (list, tuple)) and all(is_real(x) for x in v):
             v = torch.tensor(v, dtype=torch.float64, device=device)
         else:
             raise TypeError(f"{name} must be a tensor of shape [C], got {type(v).__name__}")
@@ -98,22 +93,11 @@ def _log_prior(log_prior, class_counts, C, device):
     return None
 
 
-def _check_tau(tau):
-    if isinstance(tau, torch.Tensor) and tau.numel() == 1 and not tau.requires_grad:
-        tau = float(tau)
-    if not _is_number(tau):
-        raise TypeError(f"tau must be a real number, got {type(tau).__name__}")
-    tau = float(tau)
-    if not math.isfinite(tau):
-        raise ValueError(f"tau must be finite, got {tau}")
-    return tau
-
-
 def _bias(logits, log_prior, class_counts, tau):
     """tau * log_prior in the accumulation dtype, or None (no prior, or tau = 0)."""
     C = logits.shape[1]
     lp = _log_prior(log_prior, class_counts, C, logits.device)
-    tau = _check_tau(tau)
+    tau = real(tau, "tau")
     if lp is None or tau == 0.0:
         return None
     return (tau * lp).to(acc_dtype(logits.dtype)).contiguous()
@@ -141,7 +125,7 @@ def _check_options(ignore_index, reduction, label_smoothing):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
-    if not _is_number(label_smoothing):
+    if not is_real(label_smoothing):
         raise TypeError(f"label_smoothing must be a real number, got {type(label_smoothing).__name__}")
     label_smoothing = float(label_smoothing)
     if not 0.0 <= label_smoothing <= 1.0:
