@@ -11,6 +11,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from fastml import _backend
+from fastml._autograd import refuse_double_backward, scale_fused_grads
 from fastml._args import is_real, real
 from fastml._numerics import acc_dtype
 from fastml.ops.cross_entropy import reference, schema  # noqa: F401  (schema declares the kernel ops)
@@ -283,9 +284,7 @@ def _kernel_impl(fwd, bwd):
 
         @staticmethod
         def backward(ctx, grad_loss):
-            if torch.is_grad_enabled():
-                raise RuntimeError("double backward (create_graph=True) through the fastml cross-entropy kernels is "
-                                   "not supported; use backend='reference' for higher-order gradients")
+            refuse_double_backward("cross-entropy kernels")
             ignore_index, reduction, label_smoothing = ctx.args
             if ctx.compiled:
                 logits, target, bias, weight, lse, grad = ctx.saved_tensors
@@ -293,8 +292,7 @@ def _kernel_impl(fwd, bwd):
             logits, target, bias, weight, lse = ctx.saved_tensors
             buffer, ctx.buffer = ctx.buffer, None  # released here: a retained graph's second backward recomputes
             if buffer is not None:
-                if not (grad_loss.device.type == "cpu" and float(grad_loss) == 1.0):
-                    buffer.mul_(grad_loss.to(buffer.dtype))
+                buffer, = scale_fused_grads([buffer], grad_loss)
                 return buffer, None, None, None, None, None, None
             g = grad_loss.to(acc_dtype(logits.dtype)).contiguous()
             grad = bwd(g, logits, target, bias, weight, lse, ignore_index, reduction, label_smoothing)

@@ -10,6 +10,7 @@ recomputed, the saved log-sum-exp reused) with the per-row output gradients.
 """
 import torch
 
+from fastml._autograd import refuse_double_backward, scale_fused_grads
 from fastml._numerics import acc_dtype
 from fastml.ops.cross_entropy.reference import REDUCTIONS
 
@@ -123,15 +124,12 @@ class _LinearHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        if torch.is_grad_enabled():
-            raise RuntimeError("double backward (create_graph=True) through the fastml linear cross-entropy head is "
-                               "not supported; use backend='reference' for higher-order gradients")
+        refuse_double_backward("linear cross-entropy head")
         impl, ignore_index, reduction, eps, chunk, scale = ctx.args
         hidden, weight, bias, target, log_bias, class_weight, lse = ctx.saved_tensors
         grads, ctx.grads = ctx.grads, None  # released here: a retained graph's second backward recomputes
         if grads is not None:
-            if not (grad_loss.device.type == "cpu" and float(grad_loss) == 1.0):
-                grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
+            grads = scale_fused_grads(grads, grad_loss)
         else:
             acc = lse.dtype
             if reduction == NONE:

@@ -11,6 +11,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from fastml import _backend
+from fastml._autograd import refuse_double_backward
 from fastml._args import is_real, real
 from fastml._numerics import acc_dtype
 from fastml.ops.gaussian import reference, schema  # noqa: F401  (schema declares the kernel ops)
@@ -294,9 +295,7 @@ def _kernel_impl(fwd, bwd):
 
         @staticmethod
         def backward(ctx, gz, gkl):
-            if torch.is_grad_enabled():
-                raise RuntimeError("double backward (create_graph=True) through the fastml Gaussian kernels is not "
-                                   "supported; use backend='reference' for higher-order gradients")
+            refuse_double_backward("Gaussian kernels")
             mu, logvar, prior_mu, prior_logvar, seed = ctx.saved_tensors
             residual, temperature, elementwise = ctx.args
             if gkl is None:

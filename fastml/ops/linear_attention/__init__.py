@@ -10,6 +10,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from fastml import _backend
+from fastml._autograd import refuse_double_backward
 from fastml._numerics import acc_dtype
 from fastml.ops.linear_attention import reference, schema  # noqa: F401  (schema declares the kernel ops)
 from fastml.ops.linear_attention._cuda_limits import cuda_smem_reason
@@ -57,9 +58,7 @@ def _kernel_impl(fwd, bwd, step):
 
         @staticmethod
         def backward(ctx, do, dkv, dz):
-            if torch.is_grad_enabled():
-                raise RuntimeError("double backward (create_graph=True) through the fastml linear-attention kernels "
-                                   "is not supported; use backend='reference' for higher-order gradients")
+            refuse_double_backward("linear-attention kernels")
             q, k, v, o, den, kv0, z0, cu_seqlens = ctx.saved_tensors
             if do is None:
                 do = torch.zeros_like(o)

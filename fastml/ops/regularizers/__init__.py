@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from fastml import _backend
+from fastml._autograd import refuse_double_backward, scale_fused_grads
 from fastml._args import real
 from fastml._numerics import acc_dtype
 from fastml.ops.regularizers import reference, schema  # noqa: F401  (schema declares the kernel ops)
@@ -127,9 +128,7 @@ def _kernel_impl(fwd, bwd):
 
         @staticmethod
         def backward(ctx, g):
-            if torch.is_grad_enabled():
-                raise RuntimeError("double backward (create_graph=True) through the fastml softmax_kl kernels is not "
-                                   "supported; use backend='reference' for higher-order gradients")
+            refuse_double_backward("softmax_kl kernels")
             if ctx.compiled:
                 p, q, stats, dp, dq = ctx.saved_tensors
                 s = (g[0] / ctx.scale).to(dp.dtype)
@@ -139,10 +138,7 @@ def _kernel_impl(fwd, bwd):
             if buffers is not None:
                 # The reduced loss is scale * sum(rows): every row's output gradient is the same, g[0] / scale.
                 s = g[0] / ctx.scale
-                dp, dq = buffers
-                if not (s.device.type == "cpu" and float(s) == 1.0):
-                    dp.mul_(s.to(dp.dtype))
-                    dq.mul_(s.to(dq.dtype))
+                dp, dq = scale_fused_grads(buffers, s)
                 return dp, dq, None, None
             dp, dq = bwd(g.to(stats.dtype).contiguous(), p, q, stats, ctx.temperature)
             return dp, dq, None, None
