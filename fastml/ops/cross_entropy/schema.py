@@ -18,8 +18,55 @@ reduced as PyTorch does: "mean" divides the sum by the sum of the targets' weigh
 - logit_adjusted_ce_bwd(grad_output, logits, target, bias, weight, lse, ...) -> grad_logits [N, C]: the gradient
   from the forward's lse; grad_output is [N] for "none", 0-d otherwise (accumulation dtype).
 """
+import torch
+
 from fastml._library import OpSchema, declare
 from fastml._numerics import acc_dtype
+
+
+def _fail(cls, msg):
+    raise cls(f"fastml::logit_adjusted_ce: {msg}")
+
+
+def _check_vector(t, name, n, dtype, device):
+    if t.shape != (n,) or t.dtype != dtype or t.device != device:
+        _fail(ValueError, f"{name} must be a {dtype} tensor of shape [{n}] on {device}, got {t.dtype} "
+                          f"{list(t.shape)} on {t.device}")
+
+
+def _check_fwd(logits, target, bias, weight, ignore_index, reduction, label_smoothing, compute_grad=False):
+    """Argument checks of the kernel ops (the public functions check more, and earlier), so that a direct call with
+    bad arguments is an error, never an out-of-bounds access. Target values: on a GPU an asynchronous device
+    assert (no host wait), elsewhere a ValueError."""
+    if logits.dim() != 2 or not logits.is_floating_point():
+        _fail(ValueError, f"logits must be a 2-D floating tensor [N, C], got {logits.dtype} {list(logits.shape)}")
+    N, C = logits.shape
+    if target.shape != (N,) or target.dtype != torch.int64 or target.device != logits.device:
+        _fail(ValueError, f"target must be an int64 tensor of shape [{N}] on {logits.device}, got {target.dtype} "
+                          f"{list(target.shape)} on {target.device}")
+    ad = acc_dtype(logits.dtype)
+    for t, name in ((bias, "bias"), (weight, "weight")):
+        if t is not None:
+            _check_vector(t, name, C, ad, logits.device)
+    if reduction not in (0, 1, 2):
+        _fail(ValueError, f"reduction must be 0, 1 or 2, got {reduction}")
+    if N:
+        ok = ((target >= 0) & (target < C)) | (target == ignore_index)
+        if logits.is_cuda:
+            torch._assert_async(ok.all(), "fastml::logit_adjusted_ce: target out of range [0, C)")
+        elif not bool(ok.all()):
+            raise IndexError(f"fastml::logit_adjusted_ce: target must be in [0, {C}) or ignore_index")
+
+
+def _check_bwd(grad_output, logits, target, bias, weight, lse, ignore_index, reduction, label_smoothing):
+    _check_fwd(logits, target, bias, weight, ignore_index, reduction, label_smoothing)
+    N = logits.shape[0]
+    ad = acc_dtype(logits.dtype)
+    _check_vector(lse, "lse", N, ad, logits.device)
+    want = (N,) if reduction == 0 else ()
+    if grad_output.shape != want or grad_output.device != logits.device:
+        _fail(ValueError, f"grad_output must have shape {list(want)} on {logits.device}, got "
+                          f"{list(grad_output.shape)} on {grad_output.device}")
 
 
 def _fwd(logits, target, bias, weight, ignore_index, reduction, label_smoothing, compute_grad):
@@ -36,8 +83,8 @@ def _bwd(grad_output, logits, target, bias, weight, lse, ignore_index, reduction
 
 FWD = OpSchema("logit_adjusted_ce_fwd",
                "(Tensor logits, Tensor target, Tensor? bias, Tensor? weight, int ignore_index, int reduction, "
-               "float label_smoothing, bool compute_grad) -> (Tensor, Tensor, Tensor)", _fwd)
+               "float label_smoothing, bool compute_grad) -> (Tensor, Tensor, Tensor)", _fwd, check=_check_fwd)
 BWD = OpSchema("logit_adjusted_ce_bwd",
                "(Tensor grad_output, Tensor logits, Tensor target, Tensor? bias, Tensor? weight, Tensor lse, "
-               "int ignore_index, int reduction, float label_smoothing) -> Tensor", _bwd)
+               "int ignore_index, int reduction, float label_smoothing) -> Tensor", _bwd, check=_check_bwd)
 declare(FWD, BWD)
