@@ -206,15 +206,6 @@ def _cuda_supports(call):
                                                        call.options.get("V", 1), call.dtype)
 
 
-def _triton_supports(call):
-    if call.dtype == torch.float64:
-        return "the triton kernels compute in float32; float64 inputs are served by the cpp/cuda/reference backends"
-    reason = _kernel_head_dims(call)
-    if reason is not None:
-        return reason
-    return None
-
-
 def _register():
     ops = torch.ops.fastml
     # cpp and cuda are the CPU and CUDA kernels of the same C++ ops (the dispatcher picks by device).
@@ -226,7 +217,9 @@ def _register():
         _backend.register(op, _backend.Backend("reference", ref))
         _backend.register(op, _backend.Backend("cpp", cpp))
         _backend.register(op, _backend.Backend("cuda", cpp, supports=_cuda_supports))
-        _backend.register(op, _backend.Backend("triton", triton, supports=_triton_supports))
+        _backend.register(op, _backend.Backend("triton", triton, supports=_kernel_head_dims,
+                                                 # the triton kernels compute in float32: no float64
+                                                 dtypes=(torch.float32, torch.float16, torch.bfloat16)))
         # CUDA tensors: measured on an H100 (README.md, "GPU"), triton is 12x faster than the reference and the
         # cuda kernels are slower than the reference, so `auto` takes triton, then the reference; cuda serves
         # when named.
