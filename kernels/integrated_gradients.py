@@ -72,8 +72,8 @@ def ig_scale_inputs_triton(inputs, baselines, alphas):
     if S == 0 or D == 0:
         return out
     a = alphas.to(acc_dtype(inputs.dtype)).contiguous()
-    # The kernel reads flat element offsets: strided views and broadcast baselines are copied once to dense.
-    x, xb = inputs.contiguous(), baselines.expand(inputs.shape).contiguous()
+    # The kernel reads flat element offsets: strided views and expanded (broadcast) baselines are copied to dense.
+    x, xb = inputs.contiguous(), baselines.contiguous()
     with device_of(inputs):
         _scale_kernel[(triton.cdiv(D, BLOCK),)](x, xb, a, out, S, D, BLOCK=BLOCK)
     return out
@@ -97,7 +97,7 @@ def ig_accumulate_triton(grads, inputs, baselines, weights, multiply_by_inputs, 
     # Flat element offsets, as in the scale kernel: dense copies of strided or broadcast operands (x and x' are read
     # only for the product with x - x').
     g, a = grads.contiguous(), None if acc is None else acc.contiguous()
-    x, xb = (inputs.contiguous(), baselines.expand(inputs.shape).contiguous()) if multiply_by_inputs else (g, g)
+    x, xb = (inputs.contiguous(), baselines.contiguous()) if multiply_by_inputs else (g, g)
     with device_of(inputs):
         _accumulate_kernel[(triton.cdiv(B, EB) * n_tiles,)](
             g, x, xb, w, a, attr, partial, w.shape[0], B * D, B, D, n_tiles, MULTIPLY=multiply_by_inputs,
