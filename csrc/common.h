@@ -113,4 +113,12 @@ inline T exp_nonpositive(T x) {
   return p * scale;
 }
 
+// exp(x) for x <= 0, exactly 0 below the smallest normal result (so exp(-inf) = 0: a masked class gets no
+// probability and no gradient). NaN passes through.
+template <typename T>
+inline T exp_or_zero(T x) {
+  const T e = exp_nonpositive(x);
+  return x < ExpConsts<T>::kLo ? T(0) : e;
+}
+
 }  // namespace fastml

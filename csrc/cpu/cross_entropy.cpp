@@ -34,14 +34,6 @@ constexpr int64_t kTileElems = 4096;   // logits in one small-C tile (16 KB of f
 constexpr int64_t kBlock = 512;        // elements per step of the online maximum / sum over a long row
 constexpr int64_t kTaskElems = 32768;  // rows are grouped into tasks of about this many logits
 
-// exp(x) for x <= 0, exactly 0 below the smallest normal result (so exp(-inf) = 0: a masked class gets no
-// probability and no gradient). NaN passes through.
-template <typename A>
-inline A exp_or_zero(A x) {
-  const A e = fastml::exp_nonpositive(x);
-  return x < fastml::ExpConsts<A>::kLo ? A(0) : e;
-}
-
 template <typename A>
 struct Params {
   const A* bias;           // [C] or nullptr
@@ -110,13 +102,13 @@ RowStats<A> row_stats(const scalar_t* x, const Params<A>& p, A* z, A* e = nullpt
         A* eb = e + lo;
 #pragma omp simd reduction(+ : bs)
         for (int64_t j = 0; j < n; ++j) {
-          const A v = exp_or_zero(z[j] - m);
+          const A v = fastml::exp_or_zero(z[j] - m);
           eb[j] = v;
           bs += v;
         }
       } else {
 #pragma omp simd reduction(+ : bs)
-        for (int64_t j = 0; j < n; ++j) bs += exp_or_zero(z[j] - m);
+        for (int64_t j = 0; j < n; ++j) bs += fastml::exp_or_zero(z[j] - m);
       }
       s += bs;
     } else if (e != nullptr) {
@@ -160,7 +152,7 @@ void row_grad_kept(const scalar_t* x, const Params<A>& p, int64_t t, const RowSt
     }
   }
   const A zt = static_cast<A>(x[t]) + (p.bias ? p.bias[t] : A(0));
-  out[t] = static_cast<scalar_t>(cp / st.s * exp_or_zero(zt - st.m) - cs * p.wt(t) - ct);
+  out[t] = static_cast<scalar_t>(cp / st.s * fastml::exp_or_zero(zt - st.m) - cs * p.wt(t) - ct);
 }
 
 // Writes grad_j = cp * exp(z_j - m) - cs * w_j for a long row, then the target's element with its own term.
@@ -173,14 +165,14 @@ void row_grad(const scalar_t* x, const Params<A>& p, int64_t t, A m, A cp, A cs,
     if (p.weight != nullptr) {
       const A* w = p.weight + lo;
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) o[j] = static_cast<scalar_t>(cp * exp_or_zero(z[j] - m) - cs * w[j]);
+      for (int64_t j = 0; j < n; ++j) o[j] = static_cast<scalar_t>(cp * fastml::exp_or_zero(z[j] - m) - cs * w[j]);
     } else {
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) o[j] = static_cast<scalar_t>(cp * exp_or_zero(z[j] - m) - cs);
+      for (int64_t j = 0; j < n; ++j) o[j] = static_cast<scalar_t>(cp * fastml::exp_or_zero(z[j] - m) - cs);
     }
   }
   const A zt = static_cast<A>(x[t]) + (p.bias ? p.bias[t] : A(0));
-  out[t] = static_cast<scalar_t>(cp * exp_or_zero(zt - m) - cs * p.wt(t) - ct);
+  out[t] = static_cast<scalar_t>(cp * fastml::exp_or_zero(zt - m) - cs * p.wt(t) - ct);
 }
 
 // Per-thread scratch of the small-C path.
@@ -201,13 +193,7 @@ void small_tile(const scalar_t* x, int64_t r0, int64_t R, const Params<A>& p, co
   A* e = s.e.data();
   A* a = s.a.data();
   A* b = s.b.data();
-  if (btile != nullptr) {
-#pragma omp simd
-    for (int64_t k = 0; k < n; ++k) z[k] = static_cast<A>(x[k]) + btile[k];
-  } else {
-#pragma omp simd
-    for (int64_t k = 0; k < n; ++k) z[k] = static_cast<A>(x[k]);
-  }
+  load_z(x, btile, n, z);
   // The value each row's exponentials are taken against: its max (fwd) or its lse (bwd), broadcast into a.
   A rowv[kTileElems];
   for (int64_t r = 0; r < R; ++r) {
@@ -224,7 +210,7 @@ void small_tile(const scalar_t* x, int64_t r0, int64_t R, const Params<A>& p, co
     for (int64_t j = 0; j < C; ++j) ar[j] = v;
   }
 #pragma omp simd
-  for (int64_t k = 0; k < n; ++k) e[k] = exp_or_zero(z[k] - a[k]);
+  for (int64_t k = 0; k < n; ++k) e[k] = fastml::exp_or_zero(z[k] - a[k]);
   // Per row: in the forward the sum, lse and loss; the gradient's coefficients, broadcast into a and b.
   const bool smooth = p.eps > A(0);
   for (int64_t r = 0; r < R; ++r) {

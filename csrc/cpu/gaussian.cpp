@@ -182,6 +182,15 @@ inline const A* load(const scalar_t* src, int64_t n, A* buf) {
   }
 }
 
+// n elements of an optional prior tensor from element b0, in the accumulation type: zeros (the standard normal's
+// mean and log-variance) when it is not given.
+template <typename scalar_t, typename A>
+inline const A* load_or_zero(const scalar_t* src, int64_t b0, int64_t n, A* buf) {
+  if (src != nullptr) return load(src + b0, n, buf);
+  for (int64_t i = 0; i < n; ++i) buf[i] = A(0);
+  return buf;
+}
+
 template <typename scalar_t, typename A>
 inline A* out_buf(scalar_t* dst, A* buf) {
   if constexpr (std::is_same<scalar_t, A>::value) {
@@ -270,16 +279,8 @@ void fwd_impl(const at::Tensor& mu, const at::Tensor& lv, const at::Tensor* pm, 
           for (int64_t i = 0; i < n; ++i) kb[i] = A(0.5) * (m[i] * m[i] + Math<A>::exp(l[i]) - A(1) - l[i]);
         }
       } else {
-        const A* pmb = pmp ? load(pmp + b0, n, s.pm) : nullptr;
-        const A* plb = plvp ? load(plvp + b0, n, s.plv) : nullptr;
-        if (!pmb) {
-          for (int64_t i = 0; i < n; ++i) s.pm[i] = A(0);
-          pmb = s.pm;
-        }
-        if (!plb) {
-          for (int64_t i = 0; i < n; ++i) s.plv[i] = A(0);
-          plb = s.plv;
-        }
+        const A* pmb = load_or_zero(pmp, b0, n, s.pm);
+        const A* plb = load_or_zero(plvp, b0, n, s.plv);
         auto body = [&](auto residual) {
           constexpr bool res = decltype(residual)::value;
 #pragma omp simd
@@ -385,16 +386,8 @@ void bwd_impl(const at::Tensor* gz_t, const at::Tensor& gk_t, const at::Tensor& 
         if (!with_z) {
           for (int64_t i = 0; i < n; ++i) s.e[i] = s.gz[i] = A(0);
         }
-        const A* pmb = pmp ? load(pmp + b0, n, s.pm) : nullptr;
-        const A* plb = plvp ? load(plvp + b0, n, s.plv) : nullptr;
-        if (!pmb) {
-          for (int64_t i = 0; i < n; ++i) s.pm[i] = A(0);
-          pmb = s.pm;
-        }
-        if (!plb) {
-          for (int64_t i = 0; i < n; ++i) s.plv[i] = A(0);
-          plb = s.plv;
-        }
+        const A* pmb = load_or_zero(pmp, b0, n, s.pm);
+        const A* plb = load_or_zero(plvp, b0, n, s.plv);
         A* o_pm = dpmp ? out_buf(dpmp + b0, s.o3) : s.o3;
         A* o_plv = dplvp ? out_buf(dplvp + b0, s.o4) : s.o4;
         auto body = [&](auto residual) {

@@ -26,12 +26,6 @@ namespace {
 constexpr int64_t kBlock = 512;
 constexpr int64_t kTaskElems = 32768;
 
-template <typename A>
-inline A exp0(A x) {  // exp(x) for x <= 0, exactly 0 for -inf
-  const A e = fastml::exp_nonpositive(x);
-  return x < fastml::ExpConsts<A>::kLo ? A(0) : e;
-}
-
 template <typename scalar_t, typename A>
 inline void load_scaled(const scalar_t* x, int64_t n, A inv_t, A* out) {
 #pragma omp simd
@@ -72,9 +66,9 @@ RowStats<A> row_stats(const scalar_t* p, const scalar_t* q, int64_t C, A inv_t, 
     const A cma = ma == ninf ? A(0) : ma, cmb = mb == ninf ? A(0) : mb;
 #pragma omp simd reduction(+ : bsa, bsb, bt)
     for (int64_t j = 0; j < n; ++j) {
-      const A ea = exp0(a[j] - cma);
+      const A ea = fastml::exp_or_zero(a[j] - cma);
       bsa += ea;
-      bsb += exp0(b[j] - cmb);
+      bsb += fastml::exp_or_zero(b[j] - cmb);
       bt += ea > A(0) ? ea * (a[j] - b[j]) : A(0);  // a class P gives no weight adds nothing (even where b = -inf)
     }
     sa += bsa;
@@ -97,8 +91,8 @@ void row_grad(const scalar_t* p, const scalar_t* q, int64_t C, A inv_t, const Ro
     scalar_t* oq = dq + lo;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const A pa = exp0(a[j] - st.lse_a);
-      const A qb = exp0(b[j] - st.lse_b);
+      const A pa = fastml::exp_or_zero(a[j] - st.lse_a);
+      const A qb = fastml::exp_or_zero(b[j] - st.lse_b);
       op[j] = static_cast<scalar_t>(pa > A(0) ? k * pa * (a[j] - b[j] - st.e) : A(0));
       oq[j] = static_cast<scalar_t>(k * (qb - pa));
     }
