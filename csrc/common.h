@@ -42,6 +42,17 @@ using Vec = typename VecOf<T>::type;
 template <typename T>
 constexpr int64_t kLanes = kVecBytes / static_cast<int64_t>(sizeof(T));
 
+// The 32-bit finalizer of the counter-based random numbers (the definition is fastml/_random.py). Forced inline:
+// the loops that call it vectorize only when it is.
+__attribute__((always_inline)) inline uint32_t counter_mix(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
 inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
 // Uninitialized, 64-byte aligned array of n elements (one cache line; also the alignment Vec loads need).

@@ -16,6 +16,7 @@ for _package in _library.load():
         __all__.append(_name)
 del _package, _name
 
-from fastml import distributed, nn  # noqa: E402  (sequence-parallel ops over torch.distributed; layers)
+from fastml import distributed, nn, probe  # noqa: E402  (sequence-parallel ops; layers; encoder probing)
 
 __all__.append("distributed")
+__all__.append("probe")

@@ -157,3 +157,14 @@ def masked_colsum(f, mt, FMAP: tl.constexpr):
     if FMAP == 1:
         f = tl.where(mt[:, None], f, 0.0)
     return tl.sum(f, 0)
+
+
+@triton.jit
+def counter_mix(x):
+    """The 32-bit finalizer of fastml's counter-based random numbers (fastml/_random.py) on uint32 values."""
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x846CA68B
+    x ^= x >> 16
+    return x

@@ -15,19 +15,9 @@ import triton.language as tl
 
 from fastml._library import implement
 from fastml._numerics import acc_dtype
-from fastml.kernels.common import device_of
+from fastml.kernels.common import counter_mix, device_of
 
 BLOCK = 1024
-
-
-@triton.jit
-def _mix(x):
-    x ^= x >> 16
-    x *= 0x7FEB352D
-    x ^= x >> 15
-    x *= 0x846CA68B
-    x ^= x >> 16
-    return x
 
 
 @triton.jit
@@ -37,8 +27,8 @@ def _noise(idx, seed, at):
     k0 = (s & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((s >> 32) & 0xFFFFFFFF).to(tl.uint32)
     c1 = ((idx >> 1) * 2).to(tl.uint32)
-    h1 = _mix(_mix(c1 ^ k0) + k1)
-    h2 = _mix(_mix((c1 + 1) ^ k0) + k1)
+    h1 = counter_mix(counter_mix(c1 ^ k0) + k1)
+    h2 = counter_mix(counter_mix((c1 + 1) ^ k0) + k1)
     u1 = ((h1 >> 8) + 1).to(at) * (1.0 / 16777216.0)
     u2 = (h2 >> 8).to(at) * (1.0 / 16777216.0)
     radius = tl.sqrt(-2.0 * tl.log(u1))

@@ -35,16 +35,9 @@ constexpr int64_t kChunk = 16384;  // elements per parallel task
 // line, and a loop that calls a function does not vectorize.
 #define FASTML_GK_INLINE inline __attribute__((always_inline))
 
-FASTML_GK_INLINE uint32_t mix(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352dU;
-  x ^= x >> 15;
-  x *= 0x846ca68bU;
-  x ^= x >> 16;
-  return x;
+FASTML_GK_INLINE uint32_t noise_bits(uint32_t c, uint32_t k0, uint32_t k1) {
+  return fastml::counter_mix(fastml::counter_mix(c ^ k0) + k1);
 }
-
-FASTML_GK_INLINE uint32_t noise_bits(uint32_t c, uint32_t k0, uint32_t k1) { return mix(mix(c ^ k0) + k1); }
 
 template <typename T>
 FASTML_GK_INLINE T from_bits_i32(int32_t b) {

@@ -14,6 +14,7 @@ from fastml import _backend
 from fastml._autograd import refuse_double_backward
 from fastml._args import is_real, real
 from fastml._numerics import acc_dtype
+from fastml._random import draw_seed
 from fastml.ops.gaussian import reference, schema  # noqa: F401  (schema declares the kernel ops)
 
 OP = "gaussian_kl"
@@ -116,15 +117,6 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, residual=False,
     return _reduce(kl, reduction, mu.shape[0])
 
 
-def _draw_seed(generator, device):
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        if generator.device.type != device.type:
-            raise ValueError(f"generator is on {generator.device} but mu is on {device}")
-    return torch.randint(0, 2**62, (1,), generator=generator, device=device, dtype=torch.int64)
-
-
 def gaussian_sample_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, residual=False, temperature=1.0,
                        soft_clamp=None, generator=None, reduction="per_sample", backend="auto"):
     """The reparameterized sample and its KL in one pass: returns (z, KL).
@@ -146,7 +138,7 @@ def gaussian_sample_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, residual
         logvar = (c * torch.tanh(logvar.to(acc) / c)).to(logvar.dtype)
     if mu.numel() > reference.MAX_ELEMENTS:
         raise ValueError(f"mu has {mu.numel()} elements; the noise counter is 32 bits wide (at most 2^32)")
-    seed = _draw_seed(generator, mu.device)
+    seed = draw_seed(generator, mu.device, "mu")
     impl = _backend.select(OP, _backend.Call(mu.device, mu.dtype), backend).impl
     z, kl = impl.run(mu.contiguous(), logvar.contiguous(), _contig(prior_mu), _contig(prior_logvar), seed,
                      bool(residual), temperature, reduction == "none")

@@ -4,8 +4,7 @@ The noise of `gaussian_sample_kl` is counter-based: element i of the flattened l
 value that depends only on i and a 64-bit key (the "seed"), never on the order in which elements are visited.
 That is what lets the kernel backends regenerate it in the backward instead of storing it. The definition:
 
-    mix(x)   = 32-bit integer finalizer: x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b;
-               x ^= x >> 16 (all modulo 2^32)
+    mix(x)   = the 32-bit finalizer of fastml/_random.py
     bits(c)  = mix(mix(c ^ k0) + k1), with k0 / k1 the low / high 32 bits of the seed
     pair j   = elements 2j and 2j + 1: u1 = ((bits(2j) >> 8) + 1) / 2^24 in (0, 1],
                u2 = (bits(2j + 1) >> 8) / 2^24 in [0, 1), radius = sqrt(-2 log u1), angle = 2 pi u2,
@@ -19,30 +18,9 @@ import math
 import torch
 
 from fastml._numerics import acc_dtype
+from fastml._random import MASK, mix, split_seed
 
-MASK = 0xFFFFFFFF
-M1, M2 = 0x7FEB352D, 0x846CA68B
 MAX_ELEMENTS = 1 << 32  # the counter is 32 bits wide
-
-
-def _mul32(x, m):
-    """(x * m) mod 2^32 for int64 tensors x in [0, 2^32), a constant m < 2^32, without int64 overflow."""
-    lo, hi = m & 0xFFFF, m >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & MASK
-
-
-def _mix(x):
-    x = x ^ (x >> 16)
-    x = _mul32(x, M1)
-    x = x ^ (x >> 15)
-    x = _mul32(x, M2)
-    return x ^ (x >> 16)
-
-
-def split_seed(seed):
-    """(k0, k1): the low and high 32 bits of a non-negative int64 seed tensor [1]."""
-    seed = seed.reshape(()).to(torch.int64)
-    return seed & MASK, (seed >> 32) & MASK
 
 
 def standard_normal(n, seed, dtype=torch.float64, device=None):
@@ -53,7 +31,7 @@ def standard_normal(n, seed, dtype=torch.float64, device=None):
     j = torch.arange(pairs, device=device, dtype=torch.int64)
 
     def bits(c):
-        return _mix((_mix(c ^ k0) + k1) & MASK)
+        return mix((mix(c ^ k0) + k1) & MASK)
 
     u1 = ((bits(2 * j) >> 8) + 1).to(torch.float64) * 2.0**-24
     u2 = (bits(2 * j + 1) >> 8).to(torch.float64) * 2.0**-24
