@@ -4,6 +4,8 @@ import numbers
 
 import torch
 
+from fastml._backend import ALL_FLOATS
+
 
 def is_real(x):
     """A Python or numpy real number (not a bool)."""
@@ -24,3 +26,12 @@ def real(x, name, *, positive=False, nonnegative=False):
     if nonnegative and x < 0:
         raise ValueError(f"{name} must be >= 0, got {x}")
     return x
+
+
+def floating_tensor(t, name):
+    """Checks that `t` is a tensor of a floating dtype the kernels take (float32, float64, float16, bfloat16)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in ALL_FLOATS:
+        raise TypeError(f"{name} must be a floating tensor (float32, float64, float16 or bfloat16), got dtype "
+                        f"{t.dtype}")

@@ -12,7 +12,7 @@ import torch
 
 from fastml import _backend
 from fastml._autograd import refuse_double_backward, scale_fused_grads
-from fastml._args import is_real, real
+from fastml._args import floating_tensor, is_real, real
 from fastml._numerics import acc_dtype
 from fastml.ops.cross_entropy import reference, schema  # noqa: F401  (schema declares the kernel ops)
 from fastml.ops.cross_entropy.reference import REDUCTIONS
@@ -44,10 +44,7 @@ def _check_tensor(t, name):
 
 
 def _check_logits(logits, name="logits"):
-    _check_tensor(logits, name)
-    if not logits.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor (float32, float64, float16 or bfloat16), got dtype "
-                        f"{logits.dtype}")
+    floating_tensor(logits, name)
     if logits.dim() != 2:
         raise ValueError(f"{name} must be [N, C], got shape {list(logits.shape)}")
     if logits.shape[1] < 1:

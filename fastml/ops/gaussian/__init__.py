@@ -12,7 +12,7 @@ import torch
 
 from fastml import _backend
 from fastml._autograd import refuse_double_backward
-from fastml._args import is_real, real
+from fastml._args import floating_tensor, is_real, real
 from fastml._numerics import acc_dtype
 from fastml._random import draw_seed
 from fastml.ops.gaussian import reference, schema  # noqa: F401  (schema declares the kernel ops)
@@ -33,19 +33,11 @@ class _Impl(NamedTuple):
 # Validation
 
 
-def _floating(t, name):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.dtype not in schema.FLOATS:
-        raise TypeError(f"{name} must be a floating tensor (float32, float64, float16 or bfloat16), got dtype "
-                        f"{t.dtype}")
-
-
 def _check_inputs(mu, logvar, prior_mu, prior_logvar, reduction):
-    _floating(mu, "mu")
+    floating_tensor(mu, "mu")
     if mu.dim() < 1:
         raise ValueError("mu must have a batch dimension (at least 1-D), got a 0-d tensor")
-    _floating(logvar, "logvar")
+    floating_tensor(logvar, "logvar")
     if logvar.shape != mu.shape:
         raise ValueError(f"logvar must have mu's shape {list(mu.shape)}, got {list(logvar.shape)}")
     if logvar.dtype != mu.dtype or logvar.device != mu.device:
@@ -54,7 +46,7 @@ def _check_inputs(mu, logvar, prior_mu, prior_logvar, reduction):
     priors = []
     for t, name in ((prior_mu, "prior_mu"), (prior_logvar, "prior_logvar")):
         if t is not None:
-            _floating(t, name)
+            floating_tensor(t, name)
             if t.dtype != mu.dtype or t.device != mu.device:
                 raise TypeError(f"{name} must have mu's dtype and device ({mu.dtype}, {mu.device}), got {t.dtype} on "
                                 f"{t.device}")
@@ -85,7 +77,7 @@ def _contig(t):
 def soft_clamp(x, c):
     """NVAE's soft clamp c * tanh(x / c): close to x for |x| << c, never beyond +-c; differentiable. Computed in
     float32 for half inputs; returns x's dtype."""
-    _floating(x, "x")
+    floating_tensor(x, "x")
     c = real(c, "soft_clamp", positive=True)
     acc = acc_dtype(x.dtype)
     return (c * torch.tanh(x.to(acc) / c)).to(x.dtype)
@@ -171,7 +163,7 @@ def kl_balance(kl_groups, *, kl_coeff, alpha=None):
         if not kl_groups:
             raise ValueError("kl_groups must hold at least one group")
         for i, t in enumerate(kl_groups):
-            _floating(t, f"kl_groups[{i}]")
+            floating_tensor(t, f"kl_groups[{i}]")
             if t.shape != kl_groups[0].shape or t.dim() != 1:
                 raise ValueError(f"kl_groups[{i}] must be [B] like kl_groups[0] {list(kl_groups[0].shape)}, got "
                                  f"{list(t.shape)}")
@@ -179,7 +171,7 @@ def kl_balance(kl_groups, *, kl_coeff, alpha=None):
                 raise TypeError(f"kl_groups[{i}] must have kl_groups[0]'s dtype and device")
         kl = torch.stack(list(kl_groups))
     else:
-        _floating(kl_groups, "kl_groups")
+        floating_tensor(kl_groups, "kl_groups")
         if kl_groups.dim() != 2 or kl_groups.shape[0] < 1:
             raise ValueError(f"kl_groups must be [G, B] with G >= 1, got {list(kl_groups.shape)}")
         kl = kl_groups
@@ -240,7 +232,7 @@ def spectral_penalty(weights, *, n_power_iterations=1, state=None):
         raise TypeError(f"state must be a dict returned by spectral_penalty or None, got {type(state).__name__}")
     new_state, total = {}, None
     for i, w in enumerate(ws):
-        _floating(w, f"weights[{i}]")
+        floating_tensor(w, f"weights[{i}]")
         if w.dim() < 2:
             raise ValueError(f"weights[{i}] must have at least 2 dims, got shape {list(w.shape)}")
         W = w.reshape(w.shape[0], -1)

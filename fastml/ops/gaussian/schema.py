@@ -19,10 +19,11 @@ residual, and everything computed in float32 (float64 for float64 inputs):
 """
 import torch
 
+from fastml._backend import ALL_FLOATS
 from fastml._library import OpSchema, declare
 from fastml._numerics import acc_dtype
 
-FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+FLOATS = ALL_FLOATS
 
 
 def _tensor(t, name, like=None):

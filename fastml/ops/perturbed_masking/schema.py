@@ -14,10 +14,11 @@ word vector is gathered and reduced on the fly, never written out.
 """
 import torch
 
+from fastml._backend import ALL_FLOATS
 from fastml._library import OpSchema, declare
 from fastml._numerics import acc_dtype
 
-FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+FLOATS = ALL_FLOATS
 METRICS = ("euclidean", "cosine")
 COSINE_EPS = 1e-8
 

@@ -15,7 +15,7 @@ import torch
 
 from fastml import _backend
 from fastml._autograd import refuse_double_backward, scale_fused_grads
-from fastml._args import real
+from fastml._args import floating_tensor, real
 from fastml._numerics import acc_dtype
 from fastml.ops.regularizers import reference, schema  # noqa: F401  (schema declares the kernel ops)
 
@@ -79,11 +79,7 @@ def softmax_kl(p_logits, q_logits, *, reduction="batchmean", temperature=1.0, ba
     probability (a -inf logit) add nothing, even where q's logit is -inf too.
     """
     for t, name in ((p_logits, "p_logits"), (q_logits, "q_logits")):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dtype not in schema.FLOATS:
-            raise TypeError(f"{name} must be a floating tensor (float32, float64, float16 or bfloat16), got dtype "
-                            f"{t.dtype}")
+        floating_tensor(t, name)
         if t.dim() != 2:
             raise ValueError(f"{name} must be [N, C], got shape {list(t.shape)}")
     if q_logits.shape != p_logits.shape:

@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from fastml import _backend
-from fastml._args import is_real
+from fastml._args import floating_tensor, is_real
 from fastml._random import draw_seed
 from fastml.ops.sampling import reference, schema  # noqa: F401  (schema declares the kernel ops)
 
@@ -39,11 +39,7 @@ def _eager():
 
 
 def _check_logits(logits):
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a tensor, got {type(logits).__name__}")
-    if logits.dtype not in schema.FLOATS:
-        raise TypeError(f"logits must be a floating tensor (float32, float64, float16 or bfloat16), got dtype "
-                        f"{logits.dtype}")
+    floating_tensor(logits, "logits")
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V], got shape {list(logits.shape)}")
     if logits.shape[1] < 1:

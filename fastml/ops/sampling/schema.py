@@ -17,9 +17,10 @@ A row with a NaN, a +inf (after the division) or nothing finite raises ValueErro
 """
 import torch
 
+from fastml._backend import ALL_FLOATS
 from fastml._library import OpSchema, declare
 
-FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+FLOATS = ALL_FLOATS
 MAX_V = 1 << 26
 
 

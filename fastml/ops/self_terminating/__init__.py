@@ -11,7 +11,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from fastml import _backend
-from fastml._args import is_real
+from fastml._args import floating_tensor, is_real
 from fastml._autograd import refuse_double_backward, scale_fused_grads
 from fastml._numerics import acc_dtype
 from fastml.ops.self_terminating import reference, schema  # noqa: F401  (schema declares the kernel ops)
@@ -39,11 +39,7 @@ def _eager():
 
 
 def _check_logits(logits, dims):
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a tensor, got {type(logits).__name__}")
-    if not logits.is_floating_point():
-        raise TypeError(f"logits must be a floating tensor (float32, float64, float16 or bfloat16), got dtype "
-                        f"{logits.dtype}")
+    floating_tensor(logits, "logits")
     if logits.dim() not in dims:
         want = " or ".join({2: "[B, V]", 3: "[B, T, V]"}[d] for d in dims)
         raise ValueError(f"logits must be {want}, got shape {list(logits.shape)}")
