@@ -7,10 +7,10 @@ dim 384; a randomly initialised BERT of the same size when the package is absent
 
 - "floor": the n (n + 1) / 2 distinct masked sentences of each sentence, built before timing, run through the whole
   encoder at the sentence's own length (no padding), in batches of the same token budget as fastml's default;
-- "floor, fastml's batches": the same encoder calls fastml makes (its padded batches across sentences, rebuilt
+- "floor, fastml's batches": the same encoder calls fastml makes (its batches of one length across sentences, rebuilt
   before timing with its planning helpers), without anything else: what fastml adds is the difference to "fastml";
-- "fastml": impact_matrix on the padded batch (masked sentences built on the device, batches across sentences of
-  similar length, the fused distance kernel of `auto`);
+- "fastml": impact_matrix on the padded batch (masked sentences built on the device, batches of rows of one length
+  across sentences, the fused distance kernel of `auto`);
 - "paper loop": for each sentence and each word i, one batch of n sentences (word i masked, and each other word
   with it), the whole encoder with every hidden state, distances in PyTorch: n^2 sentences per sentence.
 

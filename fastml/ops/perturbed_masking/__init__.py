@@ -12,6 +12,7 @@ level). What is here:
 
 README.md beside this file explains the maths and the decisions.
 """
+import bisect
 import contextlib
 import sys
 
@@ -337,13 +338,16 @@ def _pool(states, starts, ends):
 
 def _batches(rowlen, batch_size):
     """[(r0, r1, T)] consecutive row ranges of at most batch_size rows (default: about DEFAULT_TOKENS_PER_BATCH
-    tokens); rows come longest sentence first, so the first row of a range sets its padded length T."""
+    tokens), each of rows of one length T: rows come longest sentence first, and a range ends where the length
+    changes, so no call pads (an encoder runs a batch without padding on its unmasked attention, which is faster;
+    on a 2-core CPU, MiniLM took about 14% longer on padded batches across sentences)."""
     lens = rowlen.tolist()
+    shorter = [-n for n in lens]  # ascending
     out, r0, R = [], 0, len(lens)
     while r0 < R:
         T = lens[r0]
         size = batch_size or max(1, DEFAULT_TOKENS_PER_BATCH // T)
-        r1 = min(R, r0 + size)
+        r1 = min(r0 + size, bisect.bisect_right(shorter, -T, r0))
         out.append((r0, r1, T))
         r0 = r1
     return out
