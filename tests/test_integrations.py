@@ -140,7 +140,7 @@ def test_self_terminating_new_generate_starts_afresh(model):
 
 
 def test_self_terminating_follows_reordered_rows():
-    """Rows reordered between steps (as beam search does) take the log_alpha of the row they continue."""
+    """Rows reordered between steps take the log_alpha of the row they continue."""
     proc = SelfTerminatingLogitsProcessor(EOS, eps=0.1)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(2, VOCAB, (3, 4), generator=g)
@@ -166,3 +166,12 @@ def test_processor_arguments():
         ConsistentSamplingLogitsProcessor(-1)
     with pytest.raises(IndexError, match="eos_id"):
         SelfTerminatingLogitsProcessor(VOCAB)(torch.zeros(2, 3, dtype=torch.long), torch.randn(2, VOCAB))
+
+
+def test_self_terminating_refuses_a_suppressed_eos():
+    """An eos score already at -inf (generate's min_new_tokens ran first) would end every row at once: refused."""
+    proc = SelfTerminatingLogitsProcessor(EOS, eps=0.1)
+    scores = torch.randn(2, VOCAB)
+    scores[1, EOS] = float("-inf")
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        proc(torch.zeros(2, 3, dtype=torch.long), scores)

@@ -440,3 +440,30 @@ def test_load_encoder_without_transformers():
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                          env={**os.environ, "TRITON_INTERPRET": "1"}).stdout
     assert "pip install fastml[probe]" in out
+
+
+def test_head_model_and_final_norm_model():
+    """A model with a task head runs its base model when cut; a model whose layers are followed by a final norm
+    (Megatron-BERT) is not cut: both equal the paper's loop on their own hidden states."""
+    torch.manual_seed(0)
+    mlm = transformers.BertForMaskedLM(_bert().config).double().eval()
+    ids = _ids(6, 5)
+    spans = [(t, t + 1) for t in range(6)]
+    got = probe.impact_matrix(mlm, ids, mask_token_id=MASK, layer=1)
+    _close(got, paper_loop(mlm, ids, spans, 1, "euclidean"))
+    cfg = transformers.MegatronBertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3,
+                                          num_attention_heads=4, intermediate_size=48, max_position_embeddings=64,
+                                          initializer_range=0.3)
+    megatron = transformers.MegatronBertModel(cfg).double().eval()
+    got = probe.impact_matrix(megatron, ids, mask_token_id=MASK, layer=1)
+    _close(got, paper_loop(megatron, ids, spans, 1, "euclidean"))
+
+
+def test_mask_token_outside_the_vocabulary(bert):
+    with pytest.raises(ValueError, match="mask_token_id"):
+        probe.impact_matrix(bert, _ids(5, 0), mask_token_id=VOCAB)
+
+
+def test_no_words_keeps_dtype_and_device(bert):
+    got = probe.impact_matrix(bert, _ids(5, 0)[None], mask_token_id=MASK, word_spans=[[]])
+    assert got[0].shape == (0, 0) and got[0].dtype == F64

@@ -68,9 +68,14 @@ class SelfTerminatingLogitsProcessor(LogitsProcessor):
     eos_token_id: the one end-of-sequence id the model's head was trained with (an int, or a list holding one);
     eps in (0, 1): p_t(eos) >= 1 - (1 - eps)^t at the t-th generated token.
 
+    Use it with greedy decoding or sampling, not with beam search: there transformers hands the processors
+    log-softmaxed scores, not the logits, and the eos probability read from them would be wrong. Settings that
+    suppress eos before this processor runs (min_length, min_new_tokens, suppress_tokens with eos) conflict with a
+    model that defines p(eos) itself: a row whose eos score arrives as -inf raises ValueError.
+
     State: log_alpha per row, carried from call to call. A call continues the previous one when its input_ids are
-    one token longer and every row's prefix equals a row of the previous call's input_ids (rows may be reordered,
-    as beam search does: each row takes the log_alpha of the row it continues). Anything else (a new `generate`
+    one token longer and every row's prefix equals a row of the previous call's input_ids (rows may be reordered:
+    each row takes the log_alpha of the row it continues). Anything else (a new `generate`
     call, another batch size, new prompts) starts afresh at t = 1. A new generate call whose prompts are exactly
     the previous call's outputs therefore continues the count; call `reset()` to start afresh anyway."""
 
@@ -107,6 +112,10 @@ class SelfTerminatingLogitsProcessor(LogitsProcessor):
         return self._log_alpha[match.to(torch.int8).argmax(1)]
 
     def __call__(self, input_ids, scores):
+        if self.eos_token_id < scores.shape[-1] and bool(torch.isneginf(scores[:, self.eos_token_id]).any()):
+            raise ValueError("the eos score reached SelfTerminatingLogitsProcessor as -inf: a processor before it "
+                             "(min_length, min_new_tokens or suppress_tokens in generate) suppressed eos, whose "
+                             "probability the self-terminating model defines itself; drop that setting")
         prev = self._previous(input_ids)
         logp, log_alpha = fastml.self_terminating_log_softmax(scores, self.eos_token_id, eps=self.eps,
                                                               log_alpha_prev=prev, backend=self.backend)

@@ -25,11 +25,15 @@ from fastml.ops.perturbed_masking import reference, schema  # noqa: F401  (schem
 from fastml.ops.perturbed_masking.schema import METRICS
 
 OP = "perturbed_masking_distance"
-# Rows per encoder call when batch_size is None: about this many tokens (rows x padded length) per call.
+# Rows per encoder call when batch_size is None: about this many tokens (rows x length) per call.
 DEFAULT_TOKENS_PER_BATCH = 4096
-# Where BERT-like Hugging Face encoders keep their list of layers, and whose output after k layers is hidden
-# state k (no final norm after the list): those are run only up to the requested layer.
+# Where BERT-like Hugging Face encoders keep their list of layers. Only the model types listed below run up to the
+# requested layer with that list cut: their output after k layers is hidden state k (no norm after the list;
+# checked against output_hidden_states for each). Others of the same layout (XLM-RoBERTa-XL, Megatron-BERT,
+# RoBERTa-PreLayerNorm, CANINE) apply a final norm, so they run whole.
 _LAYER_LISTS = (("encoder", "layer"), ("transformer", "layer"))
+_CUTTABLE_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "ernie",
+                             "data2vec-text", "roc_bert", "luke", "mobilebert", "yoso", "nystromformer", "splinter"})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,7 +176,9 @@ def _is_hf(encoder):
 
 
 def _layer_list(encoder):
-    """(holder, attribute, ModuleList) of a BERT-like encoder's layers, or None."""
+    """(holder, attribute, ModuleList) of the layers of an encoder that may run cut (_CUTTABLE_TYPES), or None."""
+    if getattr(getattr(encoder, "config", None), "model_type", None) not in _CUTTABLE_TYPES:
+        return None
     base = getattr(encoder, "base_model", encoder)
     for outer, attr in _LAYER_LISTS:
         holder = getattr(base, outer, None)
@@ -237,11 +243,12 @@ class _Runner:
 
     def __call__(self, ids, am):
         if self.hf:
-            out = self.encoder(input_ids=ids, attention_mask=am, output_hidden_states=self.cut is None,
-                               return_dict=True)
             if self.cut is not None:
-                return out.last_hidden_state
-            hidden = out.hidden_states
+                # The base model (a head on top, e.g. a masked-LM one, would only cost time): its last state.
+                base = getattr(self.encoder, "base_model", self.encoder)
+                return base(input_ids=ids, attention_mask=am, return_dict=True).last_hidden_state
+            hidden = self.encoder(input_ids=ids, attention_mask=am, output_hidden_states=True,
+                                  return_dict=True).hidden_states
         else:
             hidden = self.encoder(input_ids=ids, attention_mask=am)
             hidden = getattr(hidden, "hidden_states", hidden)
@@ -268,7 +275,7 @@ def _plan(lengths, spans, pairs, device):
     """Every distinct masked sentence and every distance to compute, as tensors built by broadcasting.
 
     A row is (sentence b, word i, word j) with i <= j: i == j masks word i alone, i < j masks both. Rows are
-    ordered by sentence length (longest first, so a batch pads little), and within a sentence its one-word rows
+    ordered by sentence length (longest first; a batch holds rows of one length), and within a sentence its one-word rows
     before its two-word rows, so a row's anchors are pooled no later than the batch that needs them."""
     B = len(lengths)
     n = torch.tensor([len(s) for s in spans], device=device, dtype=torch.long)
@@ -362,6 +369,9 @@ def impacts(encoder, input_ids, *, mask_token_id, attention_mask, word_spans, la
     mask_token_id = _check_options(mask_token_id, layer, metric, batch_size)
     _backend.check_name(backend)
     device = ids.device
+    vocab = getattr(getattr(encoder, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and mask_token_id >= vocab:
+        raise ValueError(f"mask_token_id {mask_token_id} is outside the encoder's vocabulary of {vocab} tokens")
     runner = _Runner(encoder, layer)
     with torch.inference_mode():
         plan = _plan(lengths, spans, pairs, device)
@@ -396,8 +406,9 @@ def impacts(encoder, input_ids, *, mask_token_id, attention_mask, word_spans, la
                     d = distance(states, plan["out_row"][sl] - r0, plan["out_start"][sl], plan["out_end"][sl],
                                  anchors, plan["out_anchor"][sl], metric, backend)
                     result[plan["out_dest"][sl]] = d
-    if result is None:  # no word at all
-        result = torch.zeros(0)
+    if result is None:  # no word at all: nothing ran; the dtype an encoder's parameters would give
+        params = encoder.parameters() if isinstance(encoder, torch.nn.Module) else iter(())
+        result = torch.zeros(0, dtype=acc_dtype(next(params, torch.zeros(0)).dtype), device=device)
     result = result.clone()  # a normal tensor, usable outside inference mode
     mats, off = [], 0
     for ss in spans:
