@@ -26,14 +26,13 @@ The model is small: on a machine that other jobs keep busy, one thread per proce
 is often faster than torch's default.
 """
 import argparse
-import struct
 import time
-import zlib
 
 import torch
 from torch import nn
 
 import fastml
+from png_writer import write_png  # examples/png_writer.py, beside this script
 
 SIZE = 28  # image side, pixels
 CLASSES = ("top-left", "top-right", "bottom-left", "bottom-right")
@@ -104,22 +103,7 @@ def box_share(attr, boxes):
     return (pos * inside).sum((1, 2)) / pos.sum((1, 2)).clamp(min=1e-12)
 
 
-# --- PNG (standard library only) ----------------------------------------------------------------------------------
-
-def write_png(path, rgb):
-    """Write rgb, a list of rows, each a bytes object of 3 * width values, as an 8-bit RGB PNG."""
-    height, width = len(rgb), len(rgb[0]) // 3
-
-    def chunk(kind, data):
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
-
-    raw = b"".join(b"\x00" + bytes(row) for row in rgb)  # filter type 0 (none) on every row
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, colour type 2 (RGB)
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 9))
-                + chunk(b"IEND", b""))
-
+# --- PNG colours (the writer is png_writer.py) ---------------------------------------------------------------------
 
 def grey(v):
     g = int(round(255 * min(max(v, 0.0), 1.0)))

@@ -29,7 +29,6 @@ Without the package (and without --random-model) the script says so and exits wi
 """
 import argparse
 import os
-import struct
 import sys
 import time
 import zlib
@@ -39,6 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from fastml import probe  # noqa: E402
+from png_writer import write_png  # noqa: E402  (examples/png_writer.py, beside this script)
 
 SENTENCES = [
     "The old man saw a small dog in the park .",
@@ -90,22 +90,7 @@ def load_random():
     return transformers.BertModel(cfg).eval(), WordTokenizer(), "a randomly initialised BERT (MiniLM's size)"
 
 
-# --- PNG (standard library only) ----------------------------------------------------------------------------------
-
-
-def write_png(path, rgb):
-    """Write rgb, a list of rows, each a bytes object of 3 * width values, as an 8-bit RGB PNG."""
-    height, width = len(rgb), len(rgb[0]) // 3
-
-    def chunk(kind, data):
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
-
-    raw = b"".join(b"\x00" + bytes(row) for row in rgb)  # filter type 0 (none) on every row
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, colour type 2 (RGB)
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 9))
-                + chunk(b"IEND", b""))
+# --- PNG colours (the writer is png_writer.py) ---------------------------------------------------------------------
 
 
 def heat(v):
