@@ -35,6 +35,17 @@ def _block(V):
 
 
 @triton.jit
+def _pivots(prefix, dd, level: tl.constexpr, NBITS: tl.constexpr):
+    """The 16 candidate keys of one level of the 4-bit radix descent: the known high bits (prefix) followed by
+    each digit dd = 0..15 (signed at the top level, where keys are two's complement)."""
+    if level == 0:
+        piv = (dd - 8) << (NBITS - 4)
+    else:
+        piv = prefix + (dd << (NBITS - 4 * (level + 1)))
+    return piv
+
+
+@triton.jit
 def _scaled(ptr, offs, mask, t, ACC: tl.constexpr):
     v = tl.load(ptr + offs, mask=mask, other=0.0).to(ACC)
     if ACC == tl.float64:
@@ -100,10 +111,7 @@ def _plan(lp, r, V, t, kk, pp, consts, hi_ptr, lo_ptr, ACC: tl.constexpr, NBITS:
         if (kk > 0) & (kk < nfin):
             prefix = kmin * 0
             for level in tl.static_range(NBITS // 4):
-                if level == 0:
-                    piv = (dd - 8) << (NBITS - 4)
-                else:
-                    piv = prefix + (dd << (NBITS - 4 * (level + 1)))
+                piv = _pivots(prefix, dd, level, NBITS)
                 cnt = tl.zeros([16], tl.int64)
                 for start in range(0, V, SBLOCK):
                     offs = start + sr
@@ -132,10 +140,7 @@ def _plan(lp, r, V, t, kk, pp, consts, hi_ptr, lo_ptr, ACC: tl.constexpr, NBITS:
             if bound > 0:
                 prefix = kmin * 0
                 for level in tl.static_range(NBITS // 4):
-                    if level == 0:
-                        piv = (dd - 8) << (NBITS - 4)
-                    else:
-                        piv = prefix + (dd << (NBITS - 4 * (level + 1)))
+                    piv = _pivots(prefix, dd, level, NBITS)
                     mass = tl.zeros([16], tl.int64)
                     for start in range(0, V, SBLOCK):
                         offs = start + sr
