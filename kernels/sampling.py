@@ -79,6 +79,32 @@ def _weight(d, log2e, hi_ptr, lo_ptr):
 
 
 @triton.jit
+def _descend(row, V, t, thr, target, m64, log2e, hi_ptr, lo_ptr, dd, sr, ACC: tl.constexpr, NBITS: tl.constexpr,
+             SBLOCK: tl.constexpr, MASS: tl.constexpr):
+    """The radix descent of top-k (MASS False) and top-p (MASS True): the largest key K such that the count (or,
+    with MASS, the integer weight) of the finite tokens with key >= thr and key >= K is >= target (float64), four
+    key bits per pass over the row with 16 candidate keys counted at once."""
+    prefix = thr * 0
+    for level in tl.static_range(NBITS // 4):
+        piv = _pivots(prefix, dd, level, NBITS)
+        acc = tl.zeros([16], tl.int64)
+        for start in range(0, V, SBLOCK):
+            offs = start + sr
+            mask = offs < V
+            x = _scaled(row, offs, mask, t, ACC)
+            k = _key(x, ACC)
+            cand = mask & (x > float("-inf")) & (x < float("inf")) & (k >= thr)
+            if MASS:
+                w = tl.where(cand, _weight(x.to(tl.float64) - m64, log2e, hi_ptr, lo_ptr), 0)
+            else:
+                w = cand.to(tl.int64)
+            acc += tl.sum(tl.where(k[:, None] >= piv[None, :], w[:, None], 0), axis=0)
+        d = tl.sum((acc.to(tl.float64) >= target).to(tl.int64), axis=0) - 1
+        prefix = tl.sum(tl.where(dd == d, piv, 0), axis=0)
+    return prefix
+
+
+@triton.jit
 def _plan(lp, r, V, t, kk, pp, consts, hi_ptr, lo_ptr, ACC: tl.constexpr, NBITS: tl.constexpr,
           BLOCK: tl.constexpr, SBLOCK: tl.constexpr):
     """(status, max, threshold key) of row r (see the module docstring)."""
@@ -107,22 +133,10 @@ def _plan(lp, r, V, t, kk, pp, consts, hi_ptr, lo_ptr, ACC: tl.constexpr, NBITS:
     if status == 0:
         sr = tl.arange(0, SBLOCK)
         dd = tl.arange(0, 16).to(tl.int64)
-        # top-k: the largest K with #(key >= K) >= k, four key bits per pass (16 pivots counted at once)
+        # top-k: the largest K with #(key >= K) >= k
         if (kk > 0) & (kk < nfin):
-            prefix = kmin * 0
-            for level in tl.static_range(NBITS // 4):
-                piv = _pivots(prefix, dd, level, NBITS)
-                cnt = tl.zeros([16], tl.int64)
-                for start in range(0, V, SBLOCK):
-                    offs = start + sr
-                    mask = offs < V
-                    x = _scaled(row, offs, mask, t, ACC)
-                    fin = mask & (x > float("-inf")) & (x < float("inf"))
-                    hit = fin[:, None] & (_key(x, ACC)[:, None] >= piv[None, :])
-                    cnt += tl.sum(hit.to(tl.int64), axis=0)
-                d = tl.sum((cnt >= kk).to(tl.int64), axis=0) - 1
-                prefix = tl.sum(tl.where(dd == d, piv, 0), axis=0)
-            thr = prefix
+            thr = _descend(row, V, t, thr, kk.to(tl.float64), m.to(tl.float64), 0.0, hi_ptr, lo_ptr, dd, sr, ACC,
+                           NBITS, SBLOCK, False)
         # top-p: the largest K with (integer mass of candidates with key >= K) >= top_p * Z; then every candidate
         # with a larger key has less than top_p * Z above it, and the one at K is the boundary token
         if pp < 1.0:
@@ -138,21 +152,7 @@ def _plan(lp, r, V, t, kk, pp, consts, hi_ptr, lo_ptr, ACC: tl.constexpr, NBITS:
                 z += tl.sum(tl.where(cand, w, 0), axis=0)
             bound = pp * z.to(tl.float64)
             if bound > 0:
-                prefix = kmin * 0
-                for level in tl.static_range(NBITS // 4):
-                    piv = _pivots(prefix, dd, level, NBITS)
-                    mass = tl.zeros([16], tl.int64)
-                    for start in range(0, V, SBLOCK):
-                        offs = start + sr
-                        mask = offs < V
-                        x = _scaled(row, offs, mask, t, ACC)
-                        k = _key(x, ACC)
-                        cand = mask & (x > float("-inf")) & (x < float("inf")) & (k >= thr)
-                        w = tl.where(cand, _weight(x.to(tl.float64) - m64, log2e, hi_ptr, lo_ptr), 0)
-                        mass += tl.sum(tl.where(k[:, None] >= piv[None, :], w[:, None], 0), axis=0)
-                    d = tl.sum((mass.to(tl.float64) >= bound).to(tl.int64), axis=0) - 1
-                    prefix = tl.sum(tl.where(dd == d, piv, 0), axis=0)
-                thr = prefix
+                thr = _descend(row, V, t, thr, bound, m64, log2e, hi_ptr, lo_ptr, dd, sr, ACC, NBITS, SBLOCK, True)
             else:
                 thr = kmax
     return status, m, thr
