@@ -4,7 +4,8 @@ CPU (`make bench`): B=2, H=8, T in {512, 2048, 8192, 32768}, K=V=64, float32, no
 left out at T=32768: seconds per call); effective GFLOP/s count the recurrence's 4*T*K*V per head for the forward
 and three times that for forward+backward, as a fraction of the sgemm peak measured in this run; peak memory is
 what one call adds to a fresh process's VmHWM. One sequence and one head at T=65536 (B1 H1, K=V=64) runs on 1 and
-on 2 threads: the speed-up of the segment-parallel path of the cpp kernels.
+on 2 threads: the speed-up of the cpp kernels' split of one unit over threads (column groups in the forward,
+segments in the backward).
 CUDA (`make bench-gpu`): flash-linear-attention's published shapes in bfloat16; GB/s against the copy bandwidth
 measured in this run (bytes: q, k, v read and o written; the backward adds o, do read and dq, dk, dv written).
 """
@@ -139,7 +140,7 @@ _ONE_THREAD_MS = {}
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("kind", ["fwd", "fwd+bwd"])
 def test_linear_attention_threads(benchmark, kind, threads, device, results):
-    """B1 H1 T65536: one (sequence, head) unit, which only the segment-parallel path spreads over threads."""
+    """B1 H1 T65536: one (sequence, head) unit, which only the split of a unit (columns, segments) spreads over threads."""
     if device != "cpu":
         pytest.skip("the thread scaling is a CPU measurement")
     reason = _available("cpp", device, torch.float32, THREADS_SHAPE[3], THREADS_SHAPE[4])
@@ -176,7 +177,7 @@ def test_linear_attention_threads(benchmark, kind, threads, device, results):
 def time_threads(benchmark, fn):
     from runner import time_ms
 
-    return time_ms(benchmark, fn, "cpu", rounds=7)
+    return time_ms(benchmark, fn, "cpu", rounds=15)
 
 
 def _peak_mb(B, H, T, K, V, backend, kind):

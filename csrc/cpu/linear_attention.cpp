@@ -14,8 +14,10 @@
 // Work is split over (sequence, head) units with at::parallel_for; each unit walks its tokens in blocks of
 // kBlockT, converting them once (dtype, feature map, scale, zero padding of K and V to whole tiles) into
 // per-thread scratch that lives as long as the thread. Nothing of size T*K*V is ever stored: the backward rescans
-// the states. With fewer units than threads, each unit's tokens are cut into segments run in parallel from
-// states obtained by a prefix over per-segment sums (make_split, below). The large per-token outputs come from an
+// the states. With fewer units than threads, the forward cuts each unit's state into column groups scanned as
+// separate tasks (no extra work, the serial scan's bits), and the backward cuts each unit's tokens into segments
+// run in parallel from states obtained by a prefix over per-segment sums (make_split, below; the README says why
+// each pass takes the split it takes). The large per-token outputs come from an
 // allocator that reuses freed blocks (ReuseAllocator), so that repeated calls do not page-fault them in again.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -47,6 +49,7 @@ using namespace la_cpu;
 // Sizes and options of one call, and where each (sequence, head) unit's tokens are.
 struct Problem {
   int64_t H, T, K, V, Kp, Vp, units;
+  int64_t lanes;  // vector width of the compute type: Kp and Vp are multiples of it
   int64_t fm;
   bool normalize;
   double eps, scale;
@@ -79,46 +82,100 @@ struct Problem {
 // A stretch of tokens [tb, te) of unit u whose initial states are entry `state` of the arrays a pass reads them
 // from (the user's kv0/z0 indexed by unit, or the prefix states indexed by segment); `last` when it ends the unit
 // (it writes the final state), `first` when it starts it (the backward writes dkv0, dz0).
+// With the forward's column split, the segment's scan covers only column group `col` of `ncol` of the state (see
+// column_range); group 0 also writes what does not depend on the columns (den, z).
 struct Segment {
   int64_t u, tb, te, state;
   bool first, last;
+  int64_t col = 0, ncol = 1;
+  Segment with_col(int64_t c, int64_t n) const {
+    Segment g = *this;
+    g.col = c;
+    g.ncol = n;
+    return g;
+  }
 };
 
-// Tokens per segment when FASTML_LA_SEGMENT is set (a positive integer): every unit is cut into segments of that
-// many tokens whatever the unit and thread counts. For tests of the split and for tuning; 0 when unset.
-int64_t forced_segment_length() {
-  const char* env = std::getenv("FASTML_LA_SEGMENT");
+// Columns [b, e) of group g.col of g.ncol over a padded state dimension of n elements (a multiple of the vector
+// width L): whole vectors, as evenly as they go; e is clipped to `real` (the unpadded size) by the callers that
+// write tensors.
+void column_range(const Segment& g, int64_t n, int64_t L, int64_t* b, int64_t* e) {
+  const int64_t vecs = n / L;
+  *b = g.col * vecs / g.ncol * L;
+  *e = (g.col + 1) * vecs / g.ncol * L;
+}
+
+// A non-negative integer setting from the environment, 0 when unset.
+int64_t env_count(const char* name, const char* what) {
+  const char* env = std::getenv(name);
   if (env == nullptr || *env == '\0') return 0;
   char* end = nullptr;
   const long long n = std::strtoll(env, &end, 10);
-  TORCH_CHECK_VALUE(end != nullptr && *end == '\0' && n >= 0,
-                    "FASTML_LA_SEGMENT must be a non-negative integer (tokens per segment), got '", env, "'");
+  TORCH_CHECK_VALUE(end != nullptr && *end == '\0' && n >= 0, name, " must be a non-negative integer (", what,
+                    "), got '", env, "'");
   return n;
 }
 
+// Tokens per segment when FASTML_LA_SEGMENT is set (a positive integer): every unit is cut into segments of that
+// many tokens whatever the unit and thread counts. For tests of the split and for tuning; 0 when unset.
+int64_t forced_segment_length() { return env_count("FASTML_LA_SEGMENT", "tokens per segment"); }
+
+// Column groups per segment when FASTML_LA_COLUMNS is set (a positive integer, capped at the number of vectors in
+// the smaller head dim): the same test and tuning knob for the column split. 1 turns the column split off.
+int64_t forced_column_groups() { return env_count("FASTML_LA_COLUMNS", "column groups"); }
+
 // Below this many tokens a segment is not worth its share of the extra pass and of the parallel region's start.
 constexpr int64_t kMinSegment = 1024;
+// Below this many tokens per unit (on average) a column split is not worth the parallel region's start.
+constexpr int64_t kMinColumnTokens = 256;
+// Tokens per lockstep chunk of the column split (a multiple of kBlockT): the converted q' and k' rows of 512 tokens
+// (256 KB in float32 at K = 64, two chunks' worth in flight) stay in a core's L2 until every group has read them;
+// 256 tokens measured slower (twice the parallel regions), 1024 no faster.
+constexpr int64_t kLockstepTokens = 512;
 
 struct Split {
-  std::vector<Segment> segs;     // every unit's segments, in order (unit, then tokens)
+  std::vector<Segment> segs;     // every unit's segments, in order (unit, then tokens); empty: one per unit
   std::vector<int64_t> seg0;     // first segment of unit u: seg0[u] .. seg0[u + 1] - 1
   std::vector<int64_t> pieces;   // pass (1): pieces[s] .. pieces[s + 1] - 1 are the pieces of segment s
   int64_t n_pieces = 0;
   int64_t threads = 1;
-  bool parallel() const { return !segs.empty(); }
+  int64_t cols = 1;              // column groups per segment: tasks = segments x cols
+  bool segmented() const { return !segs.empty(); }
 };
 
-// The split of one call: none (serial per unit) when there are at least as many units as threads, on one thread,
-// or when the units are too short; else ceil(threads / units) segments per unit (fewer for a short unit), cut at
-// whole 64-token blocks, and each segment's pass-(1) sum cut into one piece per thread.
-Split make_split(const Problem& p) {
+// Column groups per unit: with fewer units than threads, as many as fill the threads (ceil(threads / units)), at
+// most one per vector of the smaller padded head dim; 1 (no column split) otherwise.
+int64_t column_groups(const Problem& p, int64_t threads) {
+  const int64_t most = std::max<int64_t>(1, std::min(p.Kp, p.Vp) / p.lanes);
+  const int64_t forced = forced_column_groups();
+  if (forced > 0) return std::min(forced, most);
+  if (p.units == 0 || p.units >= threads || threads < 2) return 1;
+  int64_t tokens = 0;
+  for (int64_t u = 0; u < p.units; ++u) {
+    int64_t row0, len;
+    p.span(u, &row0, &len);
+    tokens += len;
+  }
+  if (tokens < kMinColumnTokens * p.units) return 1;
+  return std::min((threads + p.units - 1) / p.units, most);
+}
+
+// The split of one call. First the column split, which costs nothing: the scans of a state's column groups are
+// independent (every output column depends on its own state columns only), so groups run as separate tasks that
+// read the same tokens; only the O(K) per-token normalizer is computed by each group of the forward. Segments
+// only when there are more threads than units x column groups: then ceil(threads / (units x cols)) segments per
+// unit (fewer for a short unit), cut at whole 64-token blocks, and each segment's pass-(1) sum cut into one piece
+// per thread.
+Split make_split(const Problem& p, bool columns) {
   Split s;
   s.threads = at::get_num_threads();
+  s.cols = columns ? column_groups(p, s.threads) : 1;
   const int64_t forced = forced_segment_length();
   int64_t per_unit = 1;
   if (forced == 0) {
-    if (p.units == 0 || p.units >= s.threads || s.threads < 2) return s;
-    per_unit = (s.threads + p.units - 1) / p.units;
+    const int64_t tasks = p.units * s.cols;
+    if (p.units == 0 || tasks >= s.threads || s.threads < 2) return s;
+    per_unit = (s.threads + tasks - 1) / tasks;
   }
   bool any = false;
   s.seg0.push_back(0);
@@ -141,7 +198,12 @@ Split make_split(const Problem& p) {
     }
     s.seg0.push_back(static_cast<int64_t>(s.segs.size()));
   }
-  if (!any) return Split{{}, {}, {}, 0, s.threads};
+  if (!any) {
+    Split none;
+    none.threads = s.threads;
+    none.cols = s.cols;
+    return none;
+  }
   const int64_t per_seg = std::max<int64_t>(2, s.threads);
   s.pieces.push_back(0);
   for (size_t i = 0; i < s.segs.size(); ++i) {
@@ -160,7 +222,105 @@ void piece_range(const Split& s, const Segment& g, int64_t j, int64_t* b, int64_
   *e = std::min(g.te, g.tb + (j + 1) * step);
 }
 
-// The forward scan of one stretch of tokens (the whole unit in the serial path, one segment in the parallel one).
+// Scratch for the rows of a run of tokens (one block, or a lockstep chunk), and the rows the scans read (the
+// scratch or the input tensors, see rows_view): q', k', v, and for the backward dn and dd.
+template <typename acc_t>
+struct BlockScratch {
+  acc_t *qf, *kf, *vf, *dn, *dd;
+  // The scratch from token t of the run on.
+  BlockScratch at(int64_t t, int64_t Kp, int64_t Vp) const {
+    return {qf + t * Kp, kf + t * Kp, vf + t * Vp, dn + t * Vp, dd + t};
+  }
+};
+template <typename acc_t>
+struct BlockRows {
+  const acc_t *q = nullptr, *k = nullptr, *v = nullptr, *dn = nullptr, *dd = nullptr;
+  // The rows from token t of the run on.
+  BlockRows at(int64_t t, int64_t Kp, int64_t Vp) const {
+    BlockRows r;
+    r.q = q != nullptr ? q + t * Kp : nullptr;
+    r.k = k != nullptr ? k + t * Kp : nullptr;
+    r.v = v != nullptr ? v + t * Vp : nullptr;
+    r.dn = dn != nullptr ? dn + t * Vp : nullptr;
+    r.dd = dd != nullptr ? dd + t : nullptr;
+    return r;
+  }
+};
+
+// Scratch for n tokens' rows at buf: q', k' [n x Kp], v, dn [n x Vp], dd [n].
+template <typename acc_t>
+BlockScratch<acc_t> rows_scratch(const Problem& p, acc_t* buf, int64_t n) {
+  BlockScratch<acc_t> s;
+  s.qf = buf;
+  s.kf = s.qf + n * p.Kp;
+  s.vf = s.kf + n * p.Kp;
+  s.dn = s.vf + n * p.Vp;
+  s.dd = s.dn + n * p.Vp;
+  return s;
+}
+template <typename acc_t>
+int64_t rows_scratch_size(const Problem& p, int64_t n) {
+  return n * (2 * p.Kp + 2 * p.Vp + 1);
+}
+
+// The forward's rows [row, row + n): q' (feature map and scale), k' (feature map), v. With n = 0 it converts
+// nothing and returns where a run's rows are (its scratch, or the inputs themselves).
+template <typename scalar_t, typename acc_t>
+BlockRows<acc_t> load_forward_block(const Problem& p, int64_t row, int64_t n, const scalar_t* q, const scalar_t* k,
+                                    const scalar_t* v, const BlockScratch<acc_t>& s) {
+  BlockRows<acc_t> r;
+  r.q = rows_view(q + row * p.K, n, p.K, s.qf, p.Kp, p.fm, static_cast<acc_t>(p.scale));
+  r.k = rows_view(k + row * p.K, n, p.K, s.kf, p.Kp, p.fm, acc_t(1));
+  r.v = rows_view(v + row * p.V, n, p.V, s.vf, p.Vp, kIdentity, acc_t(1));
+  return r;
+}
+
+// The forward recurrence over tokens [g.tb, g.te) on the state S [Kp x Vp] and z [Kp], updated in place: column
+// group g.col of o (and, for group 0, den). pre: the stretch's rows already converted, or null.
+template <typename scalar_t>
+void forward_run(const Problem& p, const Segment& g, const scalar_t* q, const scalar_t* k, const scalar_t* v,
+                 at::opmath_type<scalar_t>* S, at::opmath_type<scalar_t>* zs, scalar_t* o,
+                 at::opmath_type<scalar_t>* den, at::opmath_type<scalar_t>* buf,
+                 const BlockRows<at::opmath_type<scalar_t>>* pre) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t V = p.V, Kp = p.Kp, Vp = p.Vp;
+  const BlockScratch<acc_t> rs = rows_scratch(p, buf, kBlockT);
+  acc_t* num = buf + rows_scratch_size<acc_t>(p, kBlockT);
+  acc_t* d = num + kBlockT * Vp;
+  int64_t row0, len, jb, je;
+  p.span(g.u, &row0, &len);
+  column_range(g, Vp, p.lanes, &jb, &je);
+  const int64_t jend = std::min(je, V);
+  // Every column group needs den only to normalize; the first one also writes den and z.
+  const bool dots = g.col == 0 || p.normalize;
+  for (int64_t t0 = g.tb; t0 < g.te; t0 += kBlockT) {
+    const int64_t nb = std::min(kBlockT, g.te - t0), row = row0 + t0;
+    const BlockRows<acc_t> r = pre != nullptr ? pre->at(t0 - g.tb, Kp, Vp)
+                                              : load_forward_block<scalar_t, acc_t>(p, row, nb, q, k, v, rs);
+    if (dots) {
+      running_dots(zs, r.k, r.q, Kp, nb, d, static_cast<acc_t>(p.eps));
+      if (g.col == 0) std::copy(d, d + nb, den + row);
+    }
+    acc_t* out = output_rows(o + row * V, V, num, Vp, p.normalize);
+    scan(S, r.k, r.q, Kp, r.v, out, Vp, nb, false, jb, je);
+    if (out == reinterpret_cast<acc_t*>(o + row * V)) continue;
+    for (int64_t t = 0; t < nb; ++t) {
+      const acc_t inv = p.normalize ? acc_t(1) / d[t] : acc_t(1);
+      scalar_t* ot = o + (row + t) * V;
+#pragma omp simd
+      for (int64_t j = jb; j < jend; ++j) ot[j] = static_cast<scalar_t>(num[t * Vp + j] * inv);
+    }
+  }
+}
+
+template <typename acc_t>
+int64_t forward_run_scratch_size(const Problem& p) {
+  return rows_scratch_size<acc_t>(p, kBlockT) + kBlockT * p.Vp + kBlockT;
+}
+
+// The forward scan of one stretch of tokens (the whole unit in the serial path, one segment in the parallel one)
+// with the state in this thread's scratch: from entry g.state of kv_in/z_in (null: zero); when g.last, the final
+// state goes to entry g.u of kv, z.
 template <typename scalar_t>
 void forward_segment(const Problem& p, const Segment& g, const scalar_t* q, const scalar_t* k, const scalar_t* v,
                      const at::opmath_type<scalar_t>* kv_in, const at::opmath_type<scalar_t>* z_in, scalar_t* o,
@@ -168,51 +328,22 @@ void forward_segment(const Problem& p, const Segment& g, const scalar_t* q, cons
                      at::opmath_type<scalar_t>* buf) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t K = p.K, V = p.V, Kp = p.Kp, Vp = p.Vp;
-  acc_t* qf = buf;
-  acc_t* kf = qf + kBlockT * Kp;
-  acc_t* vf = kf + kBlockT * Kp;
-  acc_t* num = vf + kBlockT * Vp;
-  acc_t* S = num + kBlockT * Vp;
+  acc_t* S = buf + forward_run_scratch_size<acc_t>(p);
   acc_t* zs = S + Kp * Vp;
-  acc_t* d = zs + Kp;
-  int64_t row0, len;
-  p.span(g.u, &row0, &len);
   load_state(kv_in, g.state, K, V, S, Vp, Kp * Vp, false);
   load_vector(z_in, g.state, K, zs, Kp);
-  for (int64_t t0 = g.tb; t0 < g.te; t0 += kBlockT) {
-    const int64_t nb = std::min(kBlockT, g.te - t0), row = row0 + t0;
-    const acc_t* qr = rows_view(q + row * K, nb, K, qf, Kp, p.fm, static_cast<acc_t>(p.scale));
-    const acc_t* kr = rows_view(k + row * K, nb, K, kf, Kp, p.fm, acc_t(1));
-    const acc_t* vr = rows_view(v + row * V, nb, V, vf, Vp, kIdentity, acc_t(1));
-    for (int64_t t = 0; t < nb; ++t) {
-      acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t i = 0; i < Kp; ++i) {
-        zs[i] += kr[t * Kp + i];
-        dot += qr[t * Kp + i] * zs[i];
-      }
-      d[t] = dot + static_cast<acc_t>(p.eps);
-      den[row + t] = d[t];
-    }
-    acc_t* out = output_rows(o + row * V, V, num, Vp, p.normalize);
-    scan(S, kr, qr, Kp, vr, out, Vp, nb, false);
-    if (out == reinterpret_cast<acc_t*>(o + row * V)) continue;
-    for (int64_t t = 0; t < nb; ++t) {
-      const acc_t r = p.normalize ? acc_t(1) / d[t] : acc_t(1);
-      scalar_t* ot = o + (row + t) * V;
-#pragma omp simd
-      for (int64_t j = 0; j < V; ++j) ot[j] = static_cast<scalar_t>(num[t * Vp + j] * r);
-    }
-  }
+  forward_run<scalar_t>(p, g, q, k, v, S, zs, o, den, buf, nullptr);
   if (g.last) {
-    store_state(S, Vp, kv + g.u * K * V, K, V);
-    std::copy(zs, zs + K, z + g.u * K);
+    int64_t jb, je;
+    column_range(g, Vp, p.lanes, &jb, &je);
+    store_state(S, Vp, kv + g.u * K * V, K, V, jb, je);
+    if (g.col == 0) std::copy(zs, zs + K, z + g.u * K);
   }
 }
 
 template <typename acc_t>
 int64_t forward_scratch_size(const Problem& p) {
-  return 2 * kBlockT * (p.Kp + p.Vp) + p.Kp * p.Vp + p.Kp + kBlockT;
+  return forward_run_scratch_size<acc_t>(p) + p.Kp * p.Vp + p.Kp;
 }
 
 // Pass (1) of the forward split (also the backward's forward half): the sum over tokens [b, e) of unit u of
@@ -281,20 +412,140 @@ void prefix_states(const Problem& p, const Split& s, const acc_t* sums, const ac
   }
 }
 
+// ---- the column split in lockstep ----
+//
+// Without segments, a unit's column groups are separate tasks that read the same tokens. Run freely, each would
+// also convert those tokens (feature map, scale, dtype, padding) and stream them from memory on its own.
+// So the tokens are cut into chunks of kLockstepTokens, run one chunk at a time across all tasks: in parallel
+// region r every task (unit u, column group c) converts its share (c of cols, whole blocks) of the next chunk into
+// a buffer all tasks share, then scans the chunk converted in region r - 1 from the other buffer. The state stays
+// in place between chunks: one S per unit, whose columns the groups own, and one z per group.
+struct Lockstep {
+  int64_t C = kLockstepTokens, n_chunks = 1;
+  std::vector<int64_t> row0, lens;
+  bool has(int64_t u, int64_t i) const { return i == 0 || i * C < lens[u]; }
+  int64_t top(int64_t u) const { return lens[u] == 0 ? 0 : (lens[u] - 1) / C; }  // the unit's last chunk
+  void range(int64_t u, int64_t i, int64_t* tb, int64_t* te) const {
+    *tb = std::min(lens[u], i * C);
+    *te = std::min(lens[u], (i + 1) * C);
+  }
+};
+
+Lockstep make_lockstep(const Problem& p) {
+  Lockstep ls;
+  ls.row0.resize(p.units);
+  ls.lens.resize(p.units);
+  for (int64_t u = 0; u < p.units; ++u) {
+    p.span(u, &ls.row0[u], &ls.lens[u]);
+    ls.n_chunks = std::max(ls.n_chunks, ls.top(u) + 1);
+  }
+  return ls;
+}
+
+// The regions over the chunks: prep(u, t0, nb, scratch) converts tokens [t0, t0 + nb) of unit u into scratch
+// (already offset to t0 within its chunk's buffer); scan(u, c, i, chunk) scans column group c of chunk i of unit
+// u, whose rows are in the buffer at `chunk`. Region r converts chunk r and scans chunk r - 1.
+template <typename acc_t, typename Prep, typename Scan>
+void lockstep_regions(const Problem& p, const Lockstep& ls, int64_t G, acc_t* chunks, int64_t scratch, Prep prep,
+                      Scan scan_chunk) {
+  const int64_t U = p.units, per_chunk = rows_scratch_size<acc_t>(p, ls.C), n = ls.n_chunks;
+  for (int64_t r = 0; r <= n; ++r) {
+    at::parallel_for(0, U * G, 1, [&](int64_t begin, int64_t end) {
+      acc_t* buf = thread_scratch<acc_t>(scratch);
+      for (int64_t w = begin; w < end; ++w) {
+        const int64_t u = w / G, c = w % G;
+        if (r < n && ls.has(u, r)) {
+          int64_t tb, te;
+          ls.range(u, r, &tb, &te);
+          const BlockScratch<acc_t> into = rows_scratch(p, chunks + ((r % 2) * U + u) * per_chunk, ls.C);
+          const int64_t blocks = (te - tb + kBlockT - 1) / kBlockT;
+          for (int64_t b = c * blocks / G; b < (c + 1) * blocks / G; ++b) {
+            const int64_t t0 = tb + b * kBlockT;
+            prep(u, t0, std::min(kBlockT, te - t0), into.at(t0 - tb, p.Kp, p.Vp));
+          }
+        }
+        if (r > 0 && ls.has(u, r - 1)) {
+          scan_chunk(u, c, r - 1, chunks + (((r - 1) % 2) * U + u) * per_chunk, buf);
+        }
+      }
+    });
+  }
+}
+
+// Shared memory of one lockstep call, the calling thread's slot-1 scratch: two chunk buffers per unit, then the
+// states every task of a unit updates in place (each its own columns): n_states [Kp x Vp] matrices and n_vectors
+// [Kp] vectors per unit.
+template <typename acc_t>
+acc_t* lockstep_buffers(const Problem& p, const Lockstep& ls, int64_t n_states, int64_t n_vectors, acc_t** states) {
+  const int64_t U = p.units, chunk = 2 * U * rows_scratch_size<acc_t>(p, ls.C);
+  acc_t* base = thread_scratch<acc_t, 1>(chunk + U * (n_states * p.Kp * p.Vp + n_vectors * p.Kp));
+  *states = base + chunk;
+  return base;
+}
+
+// Whether the forward converts the rows of q, k or v before scanning them (dtype, feature map, scale, padding of
+// the head dims), as rows_view decides.
+template <typename scalar_t>
+bool converts_rows(const Problem& p) {
+  return !std::is_same_v<scalar_t, at::opmath_type<scalar_t>> || p.fm != kIdentity || p.scale != 1.0 ||
+         p.K != p.Kp || p.V != p.Vp;
+}
+
+template <typename scalar_t>
+void forward_lockstep(const Problem& p, const Split& s, const scalar_t* q, const scalar_t* k, const scalar_t* v,
+                      const at::opmath_type<scalar_t>* kv0, const at::opmath_type<scalar_t>* z0, scalar_t* o,
+                      at::opmath_type<scalar_t>* kv, at::opmath_type<scalar_t>* z, at::opmath_type<scalar_t>* den) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Lockstep ls = make_lockstep(p);
+  const int64_t U = p.units, G = s.cols, K = p.K, V = p.V, Kp = p.Kp, Vp = p.Vp;
+  // S [U][Kp x Vp], shared by the unit's groups; z [U][G][Kp], one per group (each runs the normalizer's sum).
+  acc_t* S;
+  acc_t* chunks = lockstep_buffers(p, ls, 1, G, &S);
+  acc_t* zs = S + U * Kp * Vp;
+  for (int64_t u = 0; u < U; ++u) {
+    load_state(kv0, u, K, V, S + u * Kp * Vp, Vp, Kp * Vp, false);
+    for (int64_t c = 0; c < G; ++c) load_vector(z0, u, K, zs + (u * G + c) * Kp, Kp);
+  }
+  auto prep = [&](int64_t u, int64_t t0, int64_t nb, const BlockScratch<acc_t>& into) {
+    load_forward_block<scalar_t, acc_t>(p, ls.row0[u] + t0, nb, q, k, v, into);
+  };
+  auto scan_chunk = [&](int64_t u, int64_t c, int64_t i, acc_t* chunk, acc_t* buf) {
+    int64_t tb, te;
+    ls.range(u, i, &tb, &te);
+    const BlockRows<acc_t> pre = load_forward_block<scalar_t, acc_t>(p, ls.row0[u] + tb, 0, q, k, v,
+                                                                     rows_scratch(p, chunk, ls.C));
+    const Segment g = Segment{u, tb, te, u, i == 0, i == ls.top(u)}.with_col(c, G);
+    forward_run<scalar_t>(p, g, q, k, v, S + u * Kp * Vp, zs + (u * G + c) * Kp, o, den, buf, &pre);
+  };
+  lockstep_regions<acc_t>(p, ls, G, chunks, forward_run_scratch_size<acc_t>(p), prep, scan_chunk);
+  for (int64_t u = 0; u < U; ++u) {
+    store_state(S + u * Kp * Vp, Vp, kv + u * K * V, K, V);
+    std::copy(zs + u * G * Kp, zs + u * G * Kp + K, z + u * K);
+  }
+}
+
 template <typename scalar_t>
 void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, const scalar_t* v,
                     const at::opmath_type<scalar_t>* kv0, const at::opmath_type<scalar_t>* z0, scalar_t* o,
                     at::opmath_type<scalar_t>* kv, at::opmath_type<scalar_t>* z, at::opmath_type<scalar_t>* den) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t scratch = forward_scratch_size<acc_t>(p);
-  const Split s = make_split(p);
-  if (!s.parallel()) {
-    at::parallel_for(0, p.units, 1, [&](int64_t begin, int64_t end) {
+  const Split s = make_split(p, true);
+  if (!s.segmented() && s.cols > 1 && converts_rows<scalar_t>(p)) {
+    forward_lockstep<scalar_t>(p, s, q, k, v, kv0, z0, o, kv, z, den);
+    return;
+  }
+  if (!s.segmented()) {
+    // One task per unit, or per (unit, column group) when the scans read the inputs as they are: then the groups
+    // run freely, without the lockstep's pauses.
+    at::parallel_for(0, p.units * s.cols, 1, [&](int64_t begin, int64_t end) {
       acc_t* buf = thread_scratch<acc_t>(scratch);
-      for (int64_t u = begin; u < end; ++u) {
+      for (int64_t w = begin; w < end; ++w) {
+        const int64_t u = w / s.cols;
         int64_t row0, len;
         p.span(u, &row0, &len);
-        forward_segment<scalar_t>(p, Segment{u, 0, len, u, true, true}, q, k, v, kv0, z0, o, kv, z, den, buf);
+        const Segment g = Segment{u, 0, len, u, true, true}.with_col(w % s.cols, s.cols);
+        forward_segment<scalar_t>(p, g, q, k, v, kv0, z0, o, kv, z, den, buf);
       }
     });
     return;
@@ -319,28 +570,20 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
       sum_kv<scalar_t>(p, seg.u, b, e, k, v, sums.data() + j * stride, sums.data() + j * stride + KV, buf);
     }
   });
-  // (2) the prefix; (3) every segment from its state.
+  // (2) the prefix; (3) every segment (each of its column groups) from its state.
   prefix_states(p, s, sums.data(), kv0, z0, kv_in.data(), z_in.data(), false);
-  at::parallel_for(0, n_seg, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_seg * s.cols, 1, [&](int64_t begin, int64_t end) {
     acc_t* buf = thread_scratch<acc_t>(scratch);
-    for (int64_t g = begin; g < end; ++g) {
-      forward_segment<scalar_t>(p, s.segs[g], q, k, v, kv_in.data(), z_in.data(), o, kv, z, den, buf);
+    for (int64_t w = begin; w < end; ++w) {
+      const Segment g = s.segs[w / s.cols].with_col(w % s.cols, s.cols);
+      forward_segment<scalar_t>(p, g, q, k, v, kv_in.data(), z_in.data(), o, kv, z, den, buf);
     }
   });
 }
 
-// Backward scratch for one block, and the rows the scans read (scratch or the input tensors, see rows_view).
-template <typename acc_t>
-struct BlockScratch {
-  acc_t *qf, *kf, *vf, *dn, *dd;
-};
-template <typename acc_t>
-struct BlockRows {
-  const acc_t *q, *k, *v, *dn;
-};
 
 // Block [row, row + nb) for the backward: q' (if with_q), k' (if with_k), v (if with_v), dn = do / den and
-// dd = -(do . o) / den (with normalize; else dn = do and dd = 0).
+// dd = -(do . o) / den (with normalize; else dn = do and dd = 0). With nb = 0, as load_forward_block.
 template <typename scalar_t, typename acc_t>
 BlockRows<acc_t> load_backward_block(const Problem& p, int64_t row, int64_t nb, const scalar_t* q,
                                      const scalar_t* k, const scalar_t* v, const scalar_t* go, const scalar_t* o,
@@ -351,6 +594,7 @@ BlockRows<acc_t> load_backward_block(const Problem& p, int64_t row, int64_t nb, 
   r.q = with_q ? rows_view(q + row * K, nb, K, s.qf, Kp, p.fm, static_cast<acc_t>(p.scale)) : nullptr;
   r.k = with_k ? rows_view(k + row * K, nb, K, s.kf, Kp, p.fm, acc_t(1)) : nullptr;
   r.v = with_v ? rows_view(v + row * V, nb, V, s.vf, Vp, kIdentity, acc_t(1)) : nullptr;
+  r.dd = s.dd;
   if (!p.normalize) {
     std::fill(s.dd, s.dd + nb, acc_t(0));
     r.dn = rows_view(go + row * V, nb, V, s.dn, Vp, kIdentity, acc_t(1));
@@ -385,18 +629,7 @@ struct BackwardArgs {
 
 template <typename acc_t>
 int64_t backward_scratch_size(const Problem& p) {
-  return 3 * kBlockT * (p.Kp + p.Vp) + 3 * p.Kp * p.Vp + 2 * p.Kp + kBlockT;
-}
-
-template <typename acc_t>
-BlockScratch<acc_t> block_scratch(const Problem& p, acc_t* buf) {
-  BlockScratch<acc_t> s;
-  s.qf = buf;
-  s.kf = s.qf + kBlockT * p.Kp;
-  s.vf = s.kf + kBlockT * p.Kp;
-  s.dn = s.vf + kBlockT * p.Vp;
-  s.dd = s.dn + kBlockT * p.Vp;
-  return s;
+  return rows_scratch_size<acc_t>(p, kBlockT) + kBlockT * (p.Kp + p.Vp) + 3 * p.Kp * p.Vp + 2 * p.Kp;
 }
 
 // Both sweeps of the backward over one stretch of tokens: the forward sweep (dq) from the states entry g.state of
@@ -409,36 +642,32 @@ struct Sweeps {
   acc_t *S_out = nullptr, *z_out = nullptr, *dS_out = nullptr, *zr_out = nullptr;
 };
 
+// Scratch of the backward's sweeps: a block's rows, then dq'/dk' [kBlockT x Kp] and dv [kBlockT x Vp].
+template <typename acc_t>
+int64_t sweep_scratch_size(const Problem& p) {
+  return rows_scratch_size<acc_t>(p, kBlockT) + kBlockT * (p.Kp + p.Vp);
+}
+
+// The backward's forward sweep over tokens [g.tb, g.te) on the state S^T [Vp x Kp] and z [Kp], updated in place:
+// dq'_t = dn_t S_t^T + dd_t z_t.
 template <typename scalar_t>
-void backward_segment(const Problem& p, const Segment& g, const BackwardArgs<scalar_t>& a,
-                      const at::opmath_type<scalar_t>* kv_in, const at::opmath_type<scalar_t>* z_in,
-                      const at::opmath_type<scalar_t>* gkv_in, const at::opmath_type<scalar_t>* gz_in,
-                      at::opmath_type<scalar_t>* buf, const Sweeps<at::opmath_type<scalar_t>>& sw = {}) {
+void dq_sweep(const Problem& p, const Segment& g, const BackwardArgs<scalar_t>& a, at::opmath_type<scalar_t>* ST,
+              at::opmath_type<scalar_t>* zs, at::opmath_type<scalar_t>* buf) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t K = p.K, V = p.V, Kp = p.Kp, Vp = p.Vp;
+  const int64_t K = p.K, Kp = p.Kp, Vp = p.Vp;
   const acc_t scale = static_cast<acc_t>(p.scale);
-  const BlockScratch<acc_t> s = block_scratch(p, buf);
-  acc_t* gk = s.dd + kBlockT;  // dq'_t in the forward sweep, dk'_t in the reverse one
-  acc_t* gv = gk + kBlockT * Kp;
-  acc_t* ST = gv + kBlockT * Vp;  // S_t^T
-  acc_t* dS = ST + Kp * Vp;
-  acc_t* dST = dS + Kp * Vp;
-  acc_t* zs = dST + Kp * Vp;  // z_t, then the reverse sum Z_t = grad_z + sum_{s>=t} q'_s dd_s
-  acc_t* zr = zs + Kp;
+  const BlockScratch<acc_t> s = rows_scratch(p, buf, kBlockT);
+  acc_t* gk = buf + rows_scratch_size<acc_t>(p, kBlockT);
   int64_t row0, len;
   p.span(g.u, &row0, &len);
-  // Forward sweep: dq'_t = dn_t S_t^T + dd_t z_t.
-  if (sw.forward) {
-  load_state(kv_in, g.state, K, V, ST, Kp, Kp * Vp, true);
-  load_vector(z_in, g.state, K, zs, Kp);
   for (int64_t t0 = g.tb; t0 < g.te; t0 += kBlockT) {
     const int64_t nb = std::min(kBlockT, g.te - t0), row = row0 + t0;
     const BlockRows<acc_t> r = load_backward_block(p, row, nb, a.q, a.k, a.v, a.go, a.o, a.den, s, false);
-    scan(ST, r.v, r.dn, Vp, r.k, gk, Kp, nb, false);
+    scan(ST, r.v, r.dn, Vp, r.k, gk, Kp, nb, false, 0, Kp);
     for (int64_t t = 0; t < nb; ++t) {
       acc_t* gt = gk + t * Kp;
       if (p.normalize) {
-        const acc_t ddt = s.dd[t];
+        const acc_t ddt = r.dd[t];
 #pragma omp simd
         for (int64_t i = 0; i < K; ++i) {
           zs[i] += r.k[t * Kp + i];
@@ -448,30 +677,32 @@ void backward_segment(const Problem& p, const Segment& g, const BackwardArgs<sca
       store_input_grad(gt, a.q + (row + t) * K, a.dq + (row + t) * K, K, p.fm, scale);
     }
   }
-  if (sw.S_out != nullptr) {
-    acc_t* S = sw.S_out + g.state * K * V;
-    for (int64_t i = 0; i < K; ++i) {
-      for (int64_t j = 0; j < V; ++j) S[i * V + j] = ST[j * Kp + i];
-    }
-    std::copy(zs, zs + K, sw.z_out + g.state * K);
-  }
-  }
-  if (!sw.reverse) return;
-  // Reverse sweep: dv_t = dS_t^T k'_t, dk'_t = dS_t v_t + Z_t.
-  load_state(gkv_in, g.state, K, V, dS, Vp, Kp * Vp, false);
-  load_state(gkv_in, g.state, K, V, dST, Kp, Kp * Vp, true);
-  load_vector(gz_in, g.state, K, zr, Kp);
-  const bool track_z = p.normalize || gz_in != nullptr;  // Z_t is constant (grad_z) without normalize: dd = 0
+}
+
+// The reverse sweep over tokens [g.tb, g.te), last token first, on dS [Kp x Vp], dS^T [Vp x Kp] and Z [Kp],
+// updated in place: dv_t = dS_t^T k'_t, dk'_t = dS_t v_t + Z_t, with Z_t = grad_z + sum_{s>=t} q'_s dd_s tracked
+// only when track_z (else it stays as it came in).
+template <typename scalar_t>
+void dkdv_sweep(const Problem& p, const Segment& g, const BackwardArgs<scalar_t>& a, at::opmath_type<scalar_t>* dS,
+                at::opmath_type<scalar_t>* dST, at::opmath_type<scalar_t>* zr, bool track_z,
+                at::opmath_type<scalar_t>* buf) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t K = p.K, V = p.V, Kp = p.Kp, Vp = p.Vp;
+  const BlockScratch<acc_t> s = rows_scratch(p, buf, kBlockT);
+  acc_t* gk = buf + rows_scratch_size<acc_t>(p, kBlockT);
+  acc_t* gv = gk + kBlockT * Kp;
+  int64_t row0, len;
+  p.span(g.u, &row0, &len);
   for (int64_t t0 = g.tb + (g.te - g.tb - 1) / kBlockT * kBlockT; t0 >= g.tb && g.te > g.tb; t0 -= kBlockT) {
     const int64_t nb = std::min(kBlockT, g.te - t0), row = row0 + t0;
     const BlockRows<acc_t> r = load_backward_block(p, row, nb, a.q, a.k, a.v, a.go, a.o, a.den, s, true);
     acc_t* dvr = output_rows(a.dv + row * V, V, gv, Vp, false);
-    scan(dS, r.q, r.k, Kp, r.dn, dvr, Vp, nb, true);
-    scan(dST, r.dn, r.v, Vp, r.q, gk, Kp, nb, true);
+    scan(dS, r.q, r.k, Kp, r.dn, dvr, Vp, nb, true, 0, Vp);
+    scan(dST, r.dn, r.v, Vp, r.q, gk, Kp, nb, true, 0, Kp);
     for (int64_t t = nb - 1; t >= 0; --t) {
       acc_t* gt = gk + t * Kp;
       if (track_z) {
-        const acc_t ddt = s.dd[t];
+        const acc_t ddt = r.dd[t];
 #pragma omp simd
         for (int64_t i = 0; i < K; ++i) {
           zr[i] += r.q[t * Kp + i] * ddt;
@@ -485,6 +716,40 @@ void backward_segment(const Problem& p, const Segment& g, const BackwardArgs<sca
       for (int64_t j = 0; j < V; ++j) dvt[j] = static_cast<scalar_t>(gv[t * Vp + j]);
     }
   }
+}
+
+// Both sweeps of the backward over one stretch of tokens, with the states in this thread's scratch: the forward
+// sweep from entry g.state of kv_in/z_in, the reverse sweep from entry g.state of gkv_in/gz_in (null: zero).
+template <typename scalar_t>
+void backward_segment(const Problem& p, const Segment& g, const BackwardArgs<scalar_t>& a,
+                      const at::opmath_type<scalar_t>* kv_in, const at::opmath_type<scalar_t>* z_in,
+                      const at::opmath_type<scalar_t>* gkv_in, const at::opmath_type<scalar_t>* gz_in,
+                      at::opmath_type<scalar_t>* buf, const Sweeps<at::opmath_type<scalar_t>>& sw = {}) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t K = p.K, V = p.V, Kp = p.Kp, Vp = p.Vp;
+  acc_t* ST = buf + sweep_scratch_size<acc_t>(p);  // S_t^T
+  acc_t* dS = ST + Kp * Vp;
+  acc_t* dST = dS + Kp * Vp;
+  acc_t* zs = dST + Kp * Vp;  // z_t, then the reverse sum Z_t
+  acc_t* zr = zs + Kp;
+  if (sw.forward) {
+    load_state(kv_in, g.state, K, V, ST, Kp, Kp * Vp, true);
+    load_vector(z_in, g.state, K, zs, Kp);
+    dq_sweep<scalar_t>(p, g, a, ST, zs, buf);
+    if (sw.S_out != nullptr) {
+      acc_t* S = sw.S_out + g.state * K * V;
+      for (int64_t i = 0; i < K; ++i) {
+        for (int64_t j = 0; j < V; ++j) S[i * V + j] = ST[j * Kp + i];
+      }
+      std::copy(zs, zs + K, sw.z_out + g.state * K);
+    }
+  }
+  if (!sw.reverse) return;
+  load_state(gkv_in, g.state, K, V, dS, Vp, Kp * Vp, false);
+  load_state(gkv_in, g.state, K, V, dST, Kp, Kp * Vp, true);
+  load_vector(gz_in, g.state, K, zr, Kp);
+  // Z_t is constant (grad_z) without normalize: dd = 0
+  dkdv_sweep<scalar_t>(p, g, a, dS, dST, zr, p.normalize || gz_in != nullptr, buf);
   if (sw.dS_out != nullptr) {
     store_state(dS, Vp, sw.dS_out + g.state * K * V, K, V);
     std::copy(zr, zr + K, sw.zr_out + g.state * K);
@@ -502,7 +767,7 @@ void sum_qdn(const Problem& p, int64_t u, int64_t b, int64_t e, const BackwardAr
              at::opmath_type<scalar_t>* sS, at::opmath_type<scalar_t>* sz, at::opmath_type<scalar_t>* buf) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t K = p.K, V = p.V, Kp = p.Kp, Vp = p.Vp;
-  const BlockScratch<acc_t> s = block_scratch(p, buf);
+  const BlockScratch<acc_t> s = rows_scratch(p, buf, kBlockT);
   acc_t* M = s.dd + kBlockT;
   acc_t* zs = M + Kp * Vp;
   std::fill(M, M + Kp * Vp + Kp, acc_t(0));
@@ -606,8 +871,8 @@ template <typename scalar_t>
 void backward_kernel(const Problem& p, const BackwardArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t scratch = backward_scratch_size<acc_t>(p);
-  const Split s = make_split(p);
-  if (!s.parallel()) {
+  const Split s = make_split(p, false);
+  if (!s.segmented()) {
     at::parallel_for(0, p.units, 1, [&](int64_t begin, int64_t end) {
       acc_t* buf = thread_scratch<acc_t>(scratch);
       for (int64_t u = begin; u < end; ++u) {
@@ -810,7 +1075,8 @@ Problem make_problem(const Tensor& q, const Tensor& v, const Tensor& cu, int64_t
   p.T = q.size(2);
   p.K = q.size(3);
   p.V = v.size(3);
-  const int64_t pad = std::max<int64_t>(kRowStep, q.scalar_type() == at::kDouble ? kLanes<double> : kLanes<float>);
+  p.lanes = q.scalar_type() == at::kDouble ? kLanes<double> : kLanes<float>;
+  const int64_t pad = std::max<int64_t>(kRowStep, p.lanes);
   p.Kp = round_up(std::max<int64_t>(p.K, 1), pad);
   p.Vp = round_up(std::max<int64_t>(p.V, 1), pad);
   p.fm = feature_map;

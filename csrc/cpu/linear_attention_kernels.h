@@ -50,19 +50,21 @@ void scan_block(T* __restrict M, int64_t ldm, const T* __restrict a, const T* __
   for (int i = 0; i < R; ++i) *reinterpret_cast<V*>(M + i * ldm) = m[i];
 }
 
-// The recurrence over n tokens for the whole state M [rows x cols] (row-major): a and c have token stride rows,
-// b and out token stride cols; rows is a multiple of kRowStep and cols of a vector. out is overwritten (the
-// first row tile writes it, the others add to it).
+// The recurrence over n tokens for columns [j0, j1) of the state M [rows x cols] (row-major): a and c have token
+// stride rows, b and out token stride cols; rows is a multiple of kRowStep, cols, j0 and j1 of a vector. Columns
+// of M never mix, so a column range is a complete scan of its own: out's columns [j0, j1) are overwritten (the
+// first row tile writes them, the others add to them) and nothing else is touched.
 template <typename T>
-void scan(T* M, const T* a, const T* c, int64_t rows, const T* b, T* out, int64_t cols, int64_t n, bool reverse) {
+void scan(T* M, const T* a, const T* c, int64_t rows, const T* b, T* out, int64_t cols, int64_t n, bool reverse,
+          int64_t j0, int64_t j1) {
   int64_t r = 0;
   for (; r + kRowTile <= rows; r += kRowTile) {
-    for (int64_t j = 0; j < cols; j += kLanes<T>) {
+    for (int64_t j = j0; j < j1; j += kLanes<T>) {
       scan_block<T, kRowTile>(M + r * cols + j, cols, a + r, c + r, rows, b + j, out + j, cols, n, reverse, r > 0);
     }
   }
   for (; r < rows; r += kRowStep) {
-    for (int64_t j = 0; j < cols; j += kLanes<T>) {
+    for (int64_t j = j0; j < j1; j += kLanes<T>) {
       scan_block<T, kRowStep>(M + r * cols + j, cols, a + r, c + r, rows, b + j, out + j, cols, n, reverse, r > 0);
     }
   }
@@ -119,8 +121,9 @@ void accumulate(T* M, const T* a, int64_t rows, const T* b, int64_t cols, int64_
 
 // Per-thread scratch of at least n elements, 64-byte aligned, kept for the thread's lifetime and grown when a
 // call needs more: a kernel call takes its working set from here instead of allocating (and page-faulting in)
-// fresh memory every time. One live use per thread at a time (each parallel body takes it once).
-template <typename T>
+// fresh memory every time. One live use per thread and Slot at a time (each parallel body takes slot 0 once; the
+// calling thread may hold slot 1 for buffers its parallel regions share).
+template <typename T, int Slot = 0>
 T* thread_scratch(int64_t n) {
   struct Holder {
     void* p = nullptr;
@@ -136,6 +139,51 @@ T* thread_scratch(int64_t n) {
     TORCH_CHECK(h.p != nullptr, "fastml: out of memory allocating ", need, " bytes of scratch");
   }
   return static_cast<T*>(h.p);
+}
+
+// z += k_t, then d[t] = q_t . z + eps, for n tokens whose rows have ld elements (a multiple of the vector width):
+// the normalizer's running sum, with z in registers across the tokens when it fits in NV <= 8 vectors.
+template <typename T, int NV>
+void running_dots_fixed(T* z, const T* k, const T* q, int64_t ld, int64_t n, T* d, T eps) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  V zr[NV];
+  for (int j = 0; j < NV; ++j) zr[j] = *reinterpret_cast<const V*>(z + j * L);
+  for (int64_t t = 0; t < n; ++t) {
+    V acc = {};
+    for (int j = 0; j < NV; ++j) {
+      zr[j] += *reinterpret_cast<const V*>(k + t * ld + j * L);
+      acc += *reinterpret_cast<const V*>(q + t * ld + j * L) * zr[j];
+    }
+    T sum = 0;
+    for (int64_t l = 0; l < L; ++l) sum += acc[l];
+    d[t] = sum + eps;
+  }
+  for (int j = 0; j < NV; ++j) *reinterpret_cast<V*>(z + j * L) = zr[j];
+}
+
+template <typename T>
+void running_dots(T* z, const T* k, const T* q, int64_t ld, int64_t n, T* d, T eps) {
+  switch (ld / kLanes<T>) {
+    case 1: return running_dots_fixed<T, 1>(z, k, q, ld, n, d, eps);
+    case 2: return running_dots_fixed<T, 2>(z, k, q, ld, n, d, eps);
+    case 3: return running_dots_fixed<T, 3>(z, k, q, ld, n, d, eps);
+    case 4: return running_dots_fixed<T, 4>(z, k, q, ld, n, d, eps);
+    case 5: return running_dots_fixed<T, 5>(z, k, q, ld, n, d, eps);
+    case 6: return running_dots_fixed<T, 6>(z, k, q, ld, n, d, eps);
+    case 7: return running_dots_fixed<T, 7>(z, k, q, ld, n, d, eps);
+    case 8: return running_dots_fixed<T, 8>(z, k, q, ld, n, d, eps);
+    default:
+      for (int64_t t = 0; t < n; ++t) {
+        T dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < ld; ++i) {
+          z[i] += k[t * ld + i];
+          dot += q[t * ld + i] * z[i];
+        }
+        d[t] = dot + eps;
+      }
+  }
 }
 
 // dst [n, ld] = mul * phi(src [n, d]) in the compute type, zero in the padding columns d..ld.
@@ -235,9 +283,13 @@ void load_vector(const acc_t* base, int64_t u, int64_t n, acc_t* dst, int64_t si
   if (base != nullptr) std::copy(base + u * n, base + (u + 1) * n, dst);
 }
 
+// Columns [j0, min(j1, cols)) of the padded M (row stride cols_p) into dst [rows x cols]; all of them by default.
 template <typename acc_t>
-void store_state(const acc_t* M, int64_t cols_p, acc_t* dst, int64_t rows, int64_t cols) {
-  for (int64_t i = 0; i < rows; ++i) std::copy(M + i * cols_p, M + i * cols_p + cols, dst + i * cols);
+void store_state(const acc_t* M, int64_t cols_p, acc_t* dst, int64_t rows, int64_t cols, int64_t j0 = 0,
+                 int64_t j1 = INT64_MAX) {
+  const int64_t e = std::min(j1, cols);
+  if (j0 >= e) return;
+  for (int64_t i = 0; i < rows; ++i) std::copy(M + i * cols_p + j0, M + i * cols_p + e, dst + i * cols + j0);
 }
 
 }  // namespace la_cpu
