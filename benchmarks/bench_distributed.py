@@ -157,7 +157,7 @@ def test_sequence_parallel(benchmark, device, results):
     benchmark.pedantic(lambda: None, rounds=1)
     for T in BENCH_T:
         results.add("sequence-parallel causal_linear_attention (cpu, fwd+bwd, 1 thread per process)",
-                    measure(T, rounds=3))
+                    measure(T, rounds=7))
 
 
 def main():

@@ -1208,6 +1208,96 @@ std::tuple<Tensor, Tensor, Tensor> linear_attention_step(const Tensor& q_in, con
   return {o, kv_out, z_out};
 }
 
+// ---- the state sums of whole sequences (for the sequence-parallel op) ----
+//
+// fastml::linear_attention_kv_sum: kv = sum_t k'_t v_t^T [B, H, K, V] and z = sum_t k'_t [B, H, K], what a slice of
+// a sequence adds to the state (sum_kv, as in pass (1) of the segment split). fastml::linear_attention_start_grad:
+// the gradient of the slice's outputs with respect to the state it started from, dkv = sum_t q'_t dn_t^T and
+// dz = sum_t q'_t dd_t (sum_qdn), which needs no scan. Both sum per (batch, head) unit; with fewer units than
+// threads each unit's tokens are cut into pieces of at least kMinSegment tokens, summed apart and then added.
+template <typename acc_t, typename F>
+void unit_sums(const Problem& p, int64_t scratch, acc_t* kv, acc_t* z, F sum) {
+  const int64_t KV = p.K * p.V, stride = KV + p.K, threads = at::get_num_threads();
+  const int64_t pieces = p.units >= threads ? 1
+                                            : std::max<int64_t>(1, std::min((threads + p.units - 1) / p.units,
+                                                                            p.T / kMinSegment));
+  const int64_t step = round_up((p.T + pieces - 1) / pieces, kBlockT);
+  std::vector<acc_t> sums(static_cast<size_t>(pieces > 1 ? p.units * pieces * stride : 0));
+  at::parallel_for(0, p.units * pieces, 1, [&](int64_t begin, int64_t end) {
+    acc_t* buf = thread_scratch<acc_t>(scratch);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t u = w / pieces, j = w % pieces;
+      const int64_t b = std::min(p.T, j * step), e = std::min(p.T, (j + 1) * step);
+      acc_t* sS = pieces > 1 ? sums.data() + w * stride : kv + u * KV;
+      acc_t* sz = pieces > 1 ? sums.data() + w * stride + KV : z + u * p.K;
+      sum(u, b, e, sS, sz, buf);
+    }
+  });
+  if (pieces == 1) return;
+  for (int64_t u = 0; u < p.units; ++u) {
+    std::fill(kv + u * KV, kv + (u + 1) * KV, acc_t(0));
+    std::fill(z + u * p.K, z + (u + 1) * p.K, acc_t(0));
+    for (int64_t j = 0; j < pieces; ++j) {
+      const acc_t* src = sums.data() + (u * pieces + j) * stride;
+      for (int64_t e = 0; e < KV; ++e) kv[u * KV + e] += src[e];
+      for (int64_t e = 0; e < p.K; ++e) z[u * p.K + e] += src[KV + e];
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor> linear_attention_kv_sum(const Tensor& k_in, const Tensor& v_in, int64_t feature_map) {
+  check_inputs(k_in, k_in, v_in, feature_map);
+  const Tensor k = k_in.contiguous(), v = v_in.contiguous();
+  const Problem p = make_problem(k, v, Tensor(), feature_map, false, 0.0, 1.0);
+  const at::ScalarType st = state_type(k);
+  Tensor kv = at::empty({k.size(0), p.H, p.K, p.V}, k.options().dtype(st));
+  Tensor z = at::empty({k.size(0), p.H, p.K}, k.options().dtype(st));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "linear_attention_kv_sum", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* kp = k.const_data_ptr<scalar_t>();
+    const scalar_t* vp = v.const_data_ptr<scalar_t>();
+    unit_sums<acc_t>(p, forward_scratch_size<acc_t>(p), kv.data_ptr<acc_t>(), z.data_ptr<acc_t>(),
+                     [&](int64_t u, int64_t b, int64_t e, acc_t* sS, acc_t* sz, acc_t* buf) {
+                       sum_kv<scalar_t>(p, u, b, e, kp, vp, sS, sz, buf);
+                     });
+  });
+  return {kv, z};
+}
+
+std::tuple<Tensor, Tensor> linear_attention_start_grad(const Tensor& go_in, const Tensor& q_in, const Tensor& o_in,
+                                                       const Tensor& den_in, int64_t feature_map, bool normalize,
+                                                       double scale) {
+  TORCH_CHECK(q_in.dim() == 4 && go_in.dim() == 4, "fastml::linear_attention_start_grad: q, grad_o must be 4-D");
+  TORCH_CHECK(go_in.size(0) == q_in.size(0) && go_in.size(1) == q_in.size(1) && go_in.size(2) == q_in.size(2),
+              "fastml::linear_attention_start_grad: grad_o must be [B, H, T, V] with q's B, H, T");
+  TORCH_CHECK(o_in.sizes() == go_in.sizes(), "fastml::linear_attention_start_grad: o must have grad_o's shape");
+  TORCH_CHECK(go_in.scalar_type() == q_in.scalar_type() && o_in.scalar_type() == q_in.scalar_type(),
+              "fastml::linear_attention_start_grad: grad_o and o must have q's dtype");
+  TORCH_CHECK(feature_map >= 0 && feature_map <= 2,
+              "fastml::linear_attention_start_grad: feature_map must be 0, 1 or 2");
+  const Tensor q = q_in.contiguous(), go = go_in.contiguous(), o = o_in.contiguous();
+  const Problem p = make_problem(q, go, Tensor(), feature_map, normalize, 0.0, scale);
+  const at::ScalarType st = state_type(q);
+  TORCH_CHECK(den_in.sizes() == at::IntArrayRef({q.size(0), p.H, p.T}) && den_in.scalar_type() == st,
+              "fastml::linear_attention_start_grad: den must be [B, H, T] in the state dtype");
+  const Tensor den = den_in.contiguous();
+  Tensor dkv = at::empty({q.size(0), p.H, p.K, p.V}, q.options().dtype(st));
+  Tensor dz = at::empty({q.size(0), p.H, p.K}, q.options().dtype(st));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attention_start_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    BackwardArgs<scalar_t> a{};
+    a.go = go.const_data_ptr<scalar_t>();
+    a.q = q.const_data_ptr<scalar_t>();
+    a.o = o.const_data_ptr<scalar_t>();
+    a.den = den.const_data_ptr<acc_t>();
+    unit_sums<acc_t>(p, backward_scratch_size<acc_t>(p), dkv.data_ptr<acc_t>(), dz.data_ptr<acc_t>(),
+                     [&](int64_t u, int64_t b, int64_t e, acc_t* sS, acc_t* sz, acc_t* buf) {
+                       sum_qdn<scalar_t>(p, u, b, e, a, sS, sz, buf);
+                     });
+  });
+  return {dkv, dz};
+}
+
 }  // namespace
 }  // namespace fastml
 
@@ -1215,4 +1305,6 @@ TORCH_LIBRARY_IMPL(fastml, CPU, m) {
   m.impl("linear_attention_fwd", &fastml::linear_attention_fwd);
   m.impl("linear_attention_bwd", &fastml::linear_attention_bwd);
   m.impl("linear_attention_step", &fastml::linear_attention_step);
+  m.impl("linear_attention_kv_sum", &fastml::linear_attention_kv_sum);
+  m.impl("linear_attention_start_grad", &fastml::linear_attention_start_grad);
 }

@@ -3,11 +3,13 @@
 Rank r holds tokens [t_r, t_{r+1}) of the sequence. With k' = phi(k), its slice adds
     c_r = (sum_s k'_s v_s^T, sum_s k'_s)        ([B, H, K, V] and [B, H, K]; rank 0 also adds the initial state)
 to the state, so rank r starts from the exclusive prefix P_r = c_0 + ... + c_{r-1} (the initial state on rank 0)
-and the whole sequence ends at c_0 + ... + c_{R-1}. Each rank computes c_r with one matrix product, the ranks
+and the whole sequence ends at c_0 + ... + c_{R-1}. Each rank computes c_r in one pass over its slice, the ranks
 all-gather the c's (one collective, B*H*K*(V+1) numbers per rank whatever the length), and each rank runs the
-single-process op on its slice from P_r. In the backward the gradients of P_r (and of the final state) are
-all-gathered the other way, and rank r's c_r receives the sum of those of the later ranks (and of every rank's
-final state); it flows back into that rank's k and v through the matrix product. README.md has the details.
+slice's kernels from P_r. In the backward each rank first computes the gradient of its outputs with respect to
+P_r, which needs no scan (sum_t q'_t dn_t^T, sum_t q'_t dd_t); the ranks all-gather those (and the final state's
+gradients), and rank r's c_r receives the sum of the later ranks' (and every rank's final-state gradient). That
+sum is the gradient of the slice's own final state P_r + c_r, so the slice's backward kernels take it as such and
+carry it into k and v with no extra pass. README.md has the details.
 """
 import torch
 import torch.distributed as dist
@@ -89,13 +91,14 @@ def _local_checks(q, k, v, rank, group, feature_map, normalize, eps, scale, init
                              f"holds the start of the sequence; rank {rank} passed one")
         check_state(initial_state, "initial_state", (B, H, K, V), acc_dtype(q.dtype), q.device)
     # The backend is chosen now, so that a rank whose backend cannot serve the call fails with the others.
-    _backend.select(_la.OP, _backend.Call(q.device, q.dtype, {"cu_seqlens": False, "K": K, "V": V}), backend)
+    impl = _backend.select(_la.OP, _backend.Call(q.device, q.dtype, {"cu_seqlens": False, "K": K, "V": V}),
+                           backend).impl
     tensors = [q, k, v] + ([] if initial_state is None else list(initial_state))
     fields = [FLOAT_DTYPES.index(q.dtype), _DEVICE_TYPES[q.device.type], B, H, K, V, T,
               initial_state is not None, normalize, output_final_state, float_bits(eps), float_bits(scale),
               3 if callable(feature_map) else _MAP_CODES[feature_map], torch.is_grad_enabled(),
               any(t.requires_grad for t in tensors)]
-    return q, k, code, fields
+    return q, k, code, fields, impl
 
 
 def _agree(records):
@@ -146,93 +149,157 @@ def _agree(records):
     return first
 
 
-def _run_op(q, k, v, start, code, opts, needs_grad):
-    """The single-process op on this rank's slice from `start` (None: zeros). With gradients, on detached leaves,
-    so that the backward can ask it for the gradient of `start` too; returns (o, leaves)."""
+class _Slice:
+    """One rank's slice run from its start state, kept for the backward: o, den = q'.z_t + eps (None where not
+    needed), the start (kv0, z0; None for zeros) and, for the reference backend, the autograd graph."""
+
+    def __init__(self, o, den, kv0, z0, graph=None):
+        self.o, self.den, self.kv0, self.z0, self.graph = o, den, kv0, z0, graph
+
+
+def _run_slice(impl, q, k, v, start, code, opts, needs_grad, needs_den):
+    """The slice's forward from `start` (None: zeros). A kernel backend runs its fwd op directly (which returns
+    den); the reference runs under autograd (with detached leaves, so that the backward can feed its final state a
+    gradient), with den computed here when the start gradient will need it."""
+    args = (code, opts["normalize"], opts["eps"], opts["scale"])
+    kv0, z0 = (None, None) if start is None else (start[0].contiguous(), start[1].contiguous())
+    if impl.kernels is not None:
+        o, _, _, den = impl.kernels[0](q, k, v, kv0, z0, None, *args)
+        return _Slice(o, den, kv0, z0)
     if not needs_grad:
         with torch.no_grad():
-            return _la.causal_linear_attention(q, k, v, feature_map=code, initial_state=start, **opts), None
+            return _Slice(impl.causal(q, k, v, kv0, z0, None, *args)[0], None, kv0, z0)
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v)]
-        if start is not None:
-            start = LinearAttentionState(*(t.detach().requires_grad_() for t in start))
-            leaves += list(start)
-        o = _la.causal_linear_attention(*leaves[:3], feature_map=code, initial_state=start, **opts)
-    return o, leaves
+        st = [None, None] if kv0 is None else [t.detach().requires_grad_() for t in (kv0, z0)]
+        o, fkv, fz = impl.causal(*leaves, *st, None, *args)
+    den = None
+    if needs_den:
+        with torch.no_grad():
+            den = _reference_den(q, k, kv0, z0, code, opts, acc_dtype(q.dtype))
+    return _Slice(o.detach(), den, kv0, z0, graph=((o, fkv, fz), leaves + st))
+
+
+def _reference_den(q, k, kv0, z0, code, opts, sd):
+    """den_t = q'_t . z_t + eps, z_t = z0 + sum_{s<=t} k'_s, in torch (for the reference backend)."""
+    z = _phi(k, code, sd).cumsum(2)
+    if z0 is not None:
+        z = z + z0.unsqueeze(2)
+    return (_phi(q, code, sd) * opts["scale"] * z).sum(-1) + opts["eps"]
+
+
+def _start_grad(do, q, run, code, opts, fused):
+    """The gradient of this slice's outputs with respect to its start state: (sum_t q'_t dn_t^T, sum_t q'_t dd_t)
+    with dn = do / den, dd = -(do . o) / den (normalize; else dn = do and no z term). One C++ pass on the CPU
+    (fastml::linear_attention_start_grad), torch elsewhere."""
+    normalize, scale = opts["normalize"], opts["scale"]
+    sd = acc_dtype(q.dtype)
+    den = run.den
+    if fused:
+        if den is None:  # not normalized: den is not read
+            den = q.new_zeros(q.shape[:3], dtype=sd)
+        return torch.ops.fastml.linear_attention_start_grad(do.contiguous(), q, run.o, den, code, normalize, scale)
+    qf = _phi(q, code, sd) * scale
+    g = do.to(sd)
+    if normalize:
+        dz = torch.einsum("bhtk,bht->bhk", qf, -(g * run.o.to(sd)).sum(-1) / den)
+        g = g / den.unsqueeze(-1)
+    else:
+        dz = qf.new_zeros(qf.shape[:2] + qf.shape[3:])
+    return torch.einsum("bhtk,bhtv->bhkv", qf, g), dz
 
 
 class _SequenceParallel(torch.autograd.Function):
-    """One rank's part, given its contribution c_r: the all-gather of the contributions, then the op on the slice
-    from the prefix. Backward: the op's backward (which also gives the prefix's gradient), the all-gather of the
-    prefix (and final state) gradients, and the contribution's gradient added into dk, dv (and the initial state)."""
+    """One rank's part, given its contribution c_r: the all-gather of the contributions, then the slice from the
+    prefix. Backward: the start gradient of the slice's outputs, the all-gather of those (and of the final
+    state's gradients), then the slice's backward with the later ranks' sum as its final state's gradient."""
 
     @staticmethod
-    def forward(ctx, q, k, v, kv0, z0, anchor, kv_c, z_c, group, code, opts, with_total, needs_grad):
+    def forward(ctx, q, k, v, kv0, z0, anchor, kv_c, z_c, group, impl, code, opts, with_total, needs_grad):
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         shapes = (kv_c.shape, z_c.shape)
         flat = torch.cat([kv_c.reshape(-1), z_c.reshape(-1)])
         gathered = flat.new_empty(world, flat.numel())
         work = dist.all_gather_single(gathered.view(-1), flat, group=group, async_op=True)
         _count(flat, world)
+        # Past the first rank the start gradient is needed, and with normalize it reads den.
+        needs_den = needs_grad and rank > 0 and opts["normalize"]
         if rank == 0:
             # The first rank needs nothing from the others: its slice runs while the contributions travel.
-            o, leaves = _run_op(q, k, v, None if kv0 is None else (kv0, z0), code, opts, needs_grad)
+            run = _run_slice(impl, q, k, v, None if kv0 is None else (kv0, z0), code, opts, needs_grad, needs_den)
             work.wait()
         else:
             work.wait()
-            prefix = _split(gathered[:rank].sum(0), shapes)
-            o, leaves = _run_op(q, k, v, prefix, code, opts, needs_grad)
+            run = _run_slice(impl, q, k, v, _split(gathered[:rank].sum(0), shapes), code, opts, needs_grad,
+                             needs_den)
         total = _split(gathered.sum(0), shapes)
+        ctx.needs_grad = needs_grad
         if needs_grad:
-            ctx.graph = (o, leaves)
-            ctx.save_for_backward(k, v)
-            ctx.group, ctx.rank, ctx.world, ctx.code, ctx.shapes = group, rank, world, code, shapes
-            ctx.with_total = with_total
-        else:
-            ctx.graph = None
-        o = o.detach()
-        return o, total[0], total[1]
+            # o is also this function's output: saved through save_for_backward, never as an attribute (which
+            # would tie the output and its graph into a reference cycle).
+            ctx.save_for_backward(q, k, v, run.o, run.den, run.kv0, run.z0)
+            ctx.graph = run.graph
+            ctx.group, ctx.rank, ctx.world, ctx.shapes = group, rank, world, shapes
+            ctx.impl, ctx.code, ctx.opts, ctx.with_total = impl, code, opts, with_total
+        return run.o, total[0], total[1]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dtkv, dtz):
-        if ctx.graph is None:
+        if not ctx.needs_grad:
             raise RuntimeError("the sequence-parallel op ran without gradients (no rank's inputs required grad)")
-        k, v = ctx.saved_tensors
-        o, leaves = ctx.graph
-        wanted = [i for i, t in enumerate(leaves or []) if t.requires_grad]
-        grads = [None] * 5
-        if wanted:
-            got = torch.autograd.grad(o, [leaves[i] for i in wanted], do, retain_graph=True, allow_unused=True)
-            for i, g in zip(wanted, got):
-                grads[i] = g
-        dq, dk, dv, dstart_kv, dstart_z = grads
+        q, k, v, o, den, kv0, z0 = ctx.saved_tensors
+        run = _Slice(o, den, kv0, z0, ctx.graph)
         n = ctx.shapes[0].numel() + ctx.shapes[1].numel()
+        kernels = ctx.impl.kernels
         # Rank 0's start is the initial state, not a prefix of other ranks' contributions: it sends zeros.
-        parts = [torch.cat([dstart_kv.reshape(-1), dstart_z.reshape(-1)]) if ctx.rank > 0 and dstart_kv is not None
-                 else do.new_zeros(n, dtype=dtkv.dtype)]
+        if ctx.rank > 0:
+            dP = _start_grad(do, q, run, ctx.code, ctx.opts, kernels is not None and _fused(q))
+            parts = [torch.cat([dP[0].reshape(-1), dP[1].reshape(-1)])]
+        else:
+            parts = [do.new_zeros(n, dtype=dtkv.dtype)]
         if ctx.with_total:
             parts.append(torch.cat([dtkv.reshape(-1), dtz.reshape(-1)]))
         flat = torch.cat(parts)
         gathered = flat.new_empty(ctx.world, flat.numel())
         dist.all_gather_single(gathered.view(-1), flat, group=ctx.group)
         _count(flat, ctx.world)
-        # c_r is in the prefix of every later rank, and in the final state returned on every rank.
-        d_c = gathered[ctx.rank + 1:, :n].sum(0)
-        if ctx.with_total:
-            d_c = d_c + gathered[:, n:].sum(0)
-        dS, dz = _split(d_c, ctx.shapes)
-        # The last rank's contribution reaches nothing but the final state: without one, its gradient is zero.
-        last_without_total = ctx.rank == ctx.world - 1 and not ctx.with_total
-        if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and not last_without_total:
-            dk, dv = _add_contribution_grads(k, v, dS, dz, _MAP_CODES.get(ctx.code, 0), dk, dv,
-                                             ctx.needs_input_grad[1:3])
-        dkv0 = dz0 = None
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            # c_0 = (rank 0's slice) + initial state, and rank 0's slice starts from the initial state.
-            dkv0 = dS if dstart_kv is None else dstart_kv + dS
-            dz0 = dz if dstart_z is None else dstart_z + dz
-        return dq, dk, dv, dkv0, dz0, None, None, None, None, None, None, None, None
+        # c_r is in the prefix of every later rank, and in the final state returned on every rank: the sum is the
+        # gradient of this slice's final state (its start plus c_r). The last rank's reaches nothing else.
+        gkv = gz = None
+        if ctx.rank < ctx.world - 1 or ctx.with_total:
+            d_c = gathered[ctx.rank + 1:, :n].sum(0)
+            if ctx.with_total:
+                d_c = d_c + gathered[:, n:].sum(0)
+            gkv, gz = (t.contiguous() for t in _split(d_c, ctx.shapes))
+        need = ctx.needs_input_grad
+        if kernels is not None:
+            opts = ctx.opts
+            dq, dk, dv, dkv0, dz0 = kernels[1](do.contiguous(), gkv, gz, q, k, v, o, run.den, run.kv0, run.z0,
+                                               None, ctx.code, opts["normalize"], opts["eps"], opts["scale"])
+        else:
+            dq, dk, dv, dkv0, dz0 = _reference_backward(run, do, gkv, gz)
+        # Rank 0's start is the user's initial state: its gradient is the slice's start gradient (which includes
+        # what reached the final state). Past rank 0 the start belongs to the earlier ranks, served above.
+        first = ctx.rank == 0 and run.kv0 is not None
+        return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+                dkv0 if first and need[3] else None, dz0 if first and need[4] else None,
+                None, None, None, None, None, None, None, None, None)
+
+
+def _reference_backward(run, do, gkv, gz):
+    """The reference slice's gradients by autograd, its final state fed (gkv, gz) when given."""
+    (o, fkv, fz), leaves = run.graph
+    outs, grads = [o], [do]
+    if gkv is not None:
+        outs += [fkv, fz]
+        grads += [gkv, gz]
+    wanted = [i for i, t in enumerate(leaves) if t is not None and t.requires_grad]
+    got = torch.autograd.grad(outs, [leaves[i] for i in wanted], grads, allow_unused=True)
+    result = [None] * 5
+    for i, g in zip(wanted, got):
+        result[i] = g
+    return tuple(result)
 
 
 # Tokens per step when computing a slice's contribution and its gradient: the temporaries (phi(k) of a chunk, the
@@ -251,8 +318,17 @@ def _phi(x, code, sd):
     return x
 
 
-def _contribution(k, v, code, sd):
-    """c_r = (sum_t phi(k_t) v_t^T, sum_t phi(k_t)) over this rank's slice, in the state dtype."""
+def _fused(t):
+    """Whether the C++ kernels of the state sums serve tensor t (CPU tensors, extension built)."""
+    return t.device.type == "cpu" and _backend._extension_error() is None
+
+
+def _contribution(k, v, code, sd, kernels=True):
+    """c_r = (sum_t phi(k_t) v_t^T, sum_t phi(k_t)) over this rank's slice, in the state dtype: one C++ pass over
+    the slice on the CPU for the kernel backends (fastml::linear_attention_kv_sum), batched matrix products
+    elsewhere (on GPUs, and for the reference backend, which stays in torch)."""
+    if kernels and _fused(k):
+        return torch.ops.fastml.linear_attention_kv_sum(k, v, code)
     B, H, T, K = k.shape
     V = v.shape[-1]
     k3, v3 = k.reshape(B * H, T, K), v.reshape(B * H, T, V)
@@ -263,40 +339,6 @@ def _contribution(k, v, code, sd):
         kv.baddbmm_(kf.transpose(1, 2), v3[:, s:s + CHUNK].to(sd))
         z.add_(kf.sum(1))
     return kv.view(B, H, K, V), z.view(B, H, K)
-
-
-def _add_contribution_grads(k, v, dS, dz, code, dk, dv, needed):
-    """dk += phi'(k) * (v dS^T + dz) and dv += phi(k) dS, the gradient through c_r, accumulated chunk by chunk
-    into the op's fresh gradient buffers."""
-    B, H, T, K = k.shape
-    V = v.shape[-1]
-    sd = dS.dtype
-    need_k, need_v = needed
-    k3, v3 = k.reshape(B * H, T, K), v.reshape(B * H, T, V)
-    dS3, dz3 = dS.reshape(B * H, K, V), dz.reshape(B * H, 1, K)
-    if need_k:
-        dk = torch.zeros_like(k) if dk is None else dk.contiguous()
-        dk3 = dk.view(B * H, T, K)
-    if need_v:
-        dv = torch.zeros_like(v) if dv is None else dv.contiguous()
-        dv3 = dv.view(B * H, T, V)
-    for s in range(0, T, CHUNK):
-        kc = k3[:, s:s + CHUNK]
-        kf = _phi(kc, code, sd)
-        if need_v:
-            if dv3.dtype == sd:
-                dv3[:, s:s + CHUNK].baddbmm_(kf, dS3)
-            else:
-                dv3[:, s:s + CHUNK].add_(torch.bmm(kf, dS3))
-        if need_k:
-            extra = torch.baddbmm(dz3, v3[:, s:s + CHUNK].to(sd), dS3.transpose(1, 2))
-            if code == 1:      # elu(x) + 1: derivative 1 above 0, exp(x) = phi(x) below
-                dk3[:, s:s + CHUNK].addcmul_(extra, kf.clamp_(max=1.0))
-            elif code == 2:    # relu: derivative 1 above 0, 0 below
-                dk3[:, s:s + CHUNK].addcmul_(extra, kc > 0)
-            else:
-                dk3[:, s:s + CHUNK].add_(extra)
-    return dk, dv
 
 
 def _split(flat, shapes):
@@ -328,9 +370,9 @@ def causal_linear_attention(q, k, v, *, group=None, feature_map=None, normalize=
     """
     group = _resolve_group(group)
     rank = dist.get_rank(group)
-    error, fields = None, [0] * len(_FIELDS)
+    error, fields, impl = None, [0] * len(_FIELDS), None
     try:
-        q, k, code, fields = _local_checks(q, k, v, rank, group, feature_map, normalize, eps, scale,
+        q, k, code, fields, impl = _local_checks(q, k, v, rank, group, feature_map, normalize, eps, scale,
                                            initial_state, output_final_state, backend, unsupported)
     except Exception as exc:  # noqa: BLE001  (whatever it is, every rank must hear of it)
         error = exc
@@ -346,7 +388,7 @@ def causal_linear_attention(q, k, v, *, group=None, feature_map=None, normalize=
                 B, H, _, K = k.shape
                 kv_c, z_c = k.new_zeros(B, H, K, v.shape[-1], dtype=sd), k.new_zeros(B, H, K, dtype=sd)
             else:
-                kv_c, z_c = _contribution(k, v, _MAP_CODES.get(code, 0), sd)
+                kv_c, z_c = _contribution(k, v, _MAP_CODES.get(code, 0), sd, impl.kernels is not None)
             if initial_state is not None:
                 kv_c, z_c = kv_c + initial_state[0], z_c + initial_state[1]
     agreed = _agree(pending.finish())
@@ -357,9 +399,9 @@ def causal_linear_attention(q, k, v, *, group=None, feature_map=None, normalize=
     anchor = None
     if needs_grad and not any(t is not None and t.requires_grad for t in (q, k, v, kv0, z0)):
         anchor = torch.zeros((), device=q.device, requires_grad=True)
-    opts = dict(normalize=normalize, eps=eps, scale=scale, backend=backend)
-    o, tkv, tz = _SequenceParallel.apply(q, k, v, kv0, z0, anchor, kv_c, z_c, group, code, opts,
-                                         output_final_state, needs_grad)
+    opts = dict(normalize=normalize, eps=eps, scale=scale)
+    o, tkv, tz = _SequenceParallel.apply(q, k, v, kv0, z0, anchor, kv_c, z_c, group, impl, _MAP_CODES.get(code, 0),
+                                         opts, output_final_state, needs_grad)
     if output_final_state:
         return o, LinearAttentionState(tkv, tz)
     return o

@@ -5,7 +5,7 @@ Backends: `reference` (reference.py), `cpp` (csrc/cpu/linear_attention.cpp) and 
 (kernels/linear_attention.py) behind fastml::linear_attention_{fwd,bwd,step}_triton. The maths and the decisions
 are in README.md beside this file.
 """
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -37,10 +37,13 @@ class LinearAttentionState(NamedTuple):
 
 class _Impl(NamedTuple):
     """What a linear-attention backend runs: `causal(q, k, v, kv0, z0, cu_seqlens, code, normalize, eps, scale)
-    -> (o, kv, z)`, differentiable, and `step(q, k, v, kv0, z0, code, normalize, eps, scale) -> (o, kv, z)`."""
+    -> (o, kv, z)`, differentiable, and `step(q, k, v, kv0, z0, code, normalize, eps, scale) -> (o, kv, z)`.
+    `kernels`: the (fwd, bwd) ops behind `causal` for a kernel backend (see schema.py), None for the reference;
+    the sequence-parallel op calls them directly (it needs den and gives the final state's gradient first)."""
 
     causal: Callable
     step: Callable
+    kernels: Optional[tuple] = None
 
 
 def _kernel_impl(fwd, bwd, step):
@@ -83,7 +86,7 @@ def _kernel_impl(fwd, bwd, step):
         return step(q.contiguous(), k.contiguous(), v.contiguous(), kv0.contiguous(), z0.contiguous(), code,
                     normalize, eps, scale)
 
-    return _Impl(causal, decode)
+    return _Impl(causal, decode, (fwd, bwd))
 
 
 def _reference_causal(q, k, v, kv0, z0, cu_seqlens, code, normalize, eps, scale):

@@ -12,6 +12,13 @@ in the accumulation dtype (float32, float64 for float64 inputs); cu_seqlens [N+1
   always returned.
 - linear_attention_step: one decode token, q, k [B, H, K], v [B, H, V], kv [B, H, K, V], z [B, H, K] ->
   (o [B, H, V], kv', z'); the state passed in is not modified.
+- linear_attention_kv_sum: what a whole slice adds to the state, k [B, H, T, K], v [B, H, T, V] ->
+  (sum_t k'_t v_t^T [B, H, K, V], sum_t k'_t [B, H, K]) in the accumulation dtype (no scale: k' = phi(k)).
+- linear_attention_start_grad: the gradient of a slice's outputs with respect to the state it started from,
+  (grad_o, q, o, den, feature_map, normalize, scale) -> (sum_t q'_t dn_t^T [B, H, K, V], sum_t q'_t dd_t [B, H, K])
+  with dn = grad_o / den and dd = -(grad_o . o) / den (normalize; else dn = grad_o, dd = 0). These two serve the
+  sequence-parallel op and have C++ kernels only (no Triton twin): elsewhere it uses their torch forms
+  (fastml.distributed.sequence_parallel).
 """
 import torch
 
@@ -129,6 +136,34 @@ def _bwd(grad_o, grad_kv, grad_z, q, k, v, o, den, kv0, z0, cu_seqlens, feature_
             q.new_empty(N, H, K, dtype=sd))
 
 
+def _check_kv_sum(k, v, feature_map):
+    if k.dim() != 4 or v.dim() != 4:
+        _fail(ValueError, f"k, v must be 4-D, got {k.dim()}-D, {v.dim()}-D")
+    if not k.is_floating_point():
+        _fail(TypeError, f"k must be a floating tensor, got {k.dtype}")
+    B, H, T, _ = k.shape
+    _check_like(v, "v", (B, H, T, v.shape[3]), k.dtype, k.device)
+    if feature_map not in (0, 1, 2):
+        _fail(ValueError, f"feature_map must be 0, 1 or 2, got {feature_map}")
+
+
+def _check_start_grad(grad_o, q, o, den, feature_map, normalize, scale):
+    _check_kv_sum(q, grad_o, feature_map)
+    B, H, T, K = q.shape
+    _check_like(o, "o", grad_o.shape, q.dtype, q.device)
+    _check_like(den, "den", (B, H, T), acc_dtype(q.dtype), q.device)
+
+
+def _kv_sum(k, v, feature_map):
+    B, H, T, K = k.shape
+    sd = acc_dtype(k.dtype)
+    return k.new_empty(B, H, K, v.shape[3], dtype=sd), k.new_empty(B, H, K, dtype=sd)
+
+
+def _start_grad(grad_o, q, o, den, feature_map, normalize, scale):
+    return _kv_sum(q, grad_o, feature_map)
+
+
 def _step(q, k, v, kv, z, feature_map, normalize, eps, scale):
     return v.new_empty(v.shape), kv.new_empty(kv.shape), z.new_empty(z.shape)
 
@@ -143,4 +178,9 @@ BWD = OpSchema("linear_attention_bwd",
 STEP = OpSchema("linear_attention_step",
                 "(Tensor q, Tensor k, Tensor v, Tensor kv, Tensor z, int feature_map, bool normalize, float eps, "
                 "float scale) -> (Tensor, Tensor, Tensor)", _step, check=_check_step)
-declare(FWD, BWD, STEP)
+KV_SUM = OpSchema("linear_attention_kv_sum", "(Tensor k, Tensor v, int feature_map) -> (Tensor, Tensor)", _kv_sum,
+                  twins=(), check=_check_kv_sum)
+START_GRAD = OpSchema("linear_attention_start_grad",
+                      "(Tensor grad_o, Tensor q, Tensor o, Tensor den, int feature_map, bool normalize, "
+                      "float scale) -> (Tensor, Tensor)", _start_grad, twins=(), check=_check_start_grad)
+declare(FWD, BWD, STEP, KV_SUM, START_GRAD)
