@@ -302,9 +302,8 @@ def _reference_backward(run, do, gkv, gz):
     return tuple(result)
 
 
-# Tokens per step when computing a slice's contribution and its gradient: the temporaries (phi(k) of a chunk, the
-# chunk's share of dk) stay a few MB, in cache, instead of tensors the size of k allocated (and page-faulted in)
-# on every call.
+# Tokens per step of the torch form of a slice's contribution: phi(k) of a chunk stays a few MB, in cache, instead
+# of a tensor the size of k allocated (and page-faulted in) on every call.
 CHUNK = 4096
 
 
