@@ -1133,51 +1133,121 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_attention_fwd(
   return {o, kv, z, den};
 }
 
+// The backward's inputs, checked and made contiguous, shared by linear_attention_bwd and _bwd_sweep.
+struct BackwardInputs {
+  Tensor go, q, k, v, o, den, cu, gkv, gz, kv0, z0;
+  Problem p;
+  int64_t N;
+  at::ScalarType st;
+};
+
+BackwardInputs backward_inputs(const Tensor& go_in, const std::optional<Tensor>& gkv_in,
+                               const std::optional<Tensor>& gz_in, const Tensor& q_in, const Tensor& k_in,
+                               const Tensor& v_in, const Tensor& o_in, const Tensor& den_in,
+                               const std::optional<Tensor>& kv0_in, const std::optional<Tensor>& z0_in,
+                               const std::optional<Tensor>& cu_seqlens, int64_t feature_map, bool normalize,
+                               double eps, double scale) {
+  check_inputs(q_in, k_in, v_in, feature_map);
+  BackwardInputs b;
+  b.q = q_in.contiguous();
+  b.k = k_in.contiguous();
+  b.v = v_in.contiguous();
+  TORCH_CHECK(go_in.sizes() == b.v.sizes() && o_in.sizes() == b.v.sizes(),
+              "fastml::linear_attention_bwd: grad_o and o must have v's shape");
+  TORCH_CHECK(go_in.scalar_type() == b.q.scalar_type() && o_in.scalar_type() == b.q.scalar_type(),
+              "fastml::linear_attention_bwd: grad_o and o must have q's dtype");
+  b.go = go_in.contiguous();
+  b.o = o_in.contiguous();
+  b.cu = checked_cu_seqlens(cu_seqlens, b.q);
+  b.p = make_problem(b.q, b.v, b.cu, feature_map, normalize, eps, scale);
+  b.N = num_sequences(b.q, b.cu);
+  b.st = state_type(b.q);
+  const Problem& p = b.p;
+  TORCH_CHECK(den_in.sizes() == at::IntArrayRef({b.q.size(0), p.H, p.T}) && den_in.scalar_type() == b.st,
+              "fastml::linear_attention_bwd: den must be [B, H, T] in the state dtype");
+  b.den = den_in.contiguous();
+  b.gkv = optional_state(gkv_in, {b.N, p.H, p.K, p.V}, b.st, "grad_kv");
+  b.gz = optional_state(gz_in, {b.N, p.H, p.K}, b.st, "grad_z");
+  b.kv0 = optional_state(kv0_in, {b.N, p.H, p.K, p.V}, b.st, "kv0");
+  b.z0 = optional_state(z0_in, {b.N, p.H, p.K}, b.st, "z0");
+  return b;
+}
+
+template <typename scalar_t>
+BackwardArgs<scalar_t> backward_args(const BackwardInputs& b, Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dkv0,
+                                     Tensor& dz0) {
+  using acc_t = at::opmath_type<scalar_t>;
+  BackwardArgs<scalar_t> a{};
+  a.go = b.go.const_data_ptr<scalar_t>();
+  a.q = b.q.const_data_ptr<scalar_t>();
+  a.k = b.k.const_data_ptr<scalar_t>();
+  a.v = b.v.const_data_ptr<scalar_t>();
+  a.o = b.o.const_data_ptr<scalar_t>();
+  a.gkv = ptr_or_null<acc_t>(b.gkv);
+  a.gz = ptr_or_null<acc_t>(b.gz);
+  a.den = b.den.const_data_ptr<acc_t>();
+  a.kv0 = ptr_or_null<acc_t>(b.kv0);
+  a.z0 = ptr_or_null<acc_t>(b.z0);
+  a.dq = dq.numel() > 0 ? dq.data_ptr<scalar_t>() : nullptr;
+  a.dk = dk.numel() > 0 ? dk.data_ptr<scalar_t>() : nullptr;
+  a.dv = dv.numel() > 0 ? dv.data_ptr<scalar_t>() : nullptr;
+  a.dkv0 = dkv0.numel() > 0 ? dkv0.data_ptr<acc_t>() : nullptr;
+  a.dz0 = dz0.numel() > 0 ? dz0.data_ptr<acc_t>() : nullptr;
+  return a;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_attention_bwd(
     const Tensor& go_in, const std::optional<Tensor>& gkv_in, const std::optional<Tensor>& gz_in,
     const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& o_in, const Tensor& den_in,
     const std::optional<Tensor>& kv0_in, const std::optional<Tensor>& z0_in,
     const std::optional<Tensor>& cu_seqlens, int64_t feature_map, bool normalize, double eps, double scale) {
-  check_inputs(q_in, k_in, v_in, feature_map);
-  const Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  TORCH_CHECK(go_in.sizes() == v.sizes() && o_in.sizes() == v.sizes(),
-              "fastml::linear_attention_bwd: grad_o and o must have v's shape");
-  TORCH_CHECK(go_in.scalar_type() == q.scalar_type() && o_in.scalar_type() == q.scalar_type(),
-              "fastml::linear_attention_bwd: grad_o and o must have q's dtype");
-  const Tensor go = go_in.contiguous(), o = o_in.contiguous();
-  const Tensor cu = checked_cu_seqlens(cu_seqlens, q);
-  const Problem p = make_problem(q, v, cu, feature_map, normalize, eps, scale);
-  const int64_t N = num_sequences(q, cu);
-  const at::ScalarType st = state_type(q);
-  TORCH_CHECK(den_in.sizes() == at::IntArrayRef({q.size(0), p.H, p.T}) && den_in.scalar_type() == st,
-              "fastml::linear_attention_bwd: den must be [B, H, T] in the state dtype");
-  const Tensor den = den_in.contiguous();
-  const Tensor gkv = optional_state(gkv_in, {N, p.H, p.K, p.V}, st, "grad_kv");
-  const Tensor gz = optional_state(gz_in, {N, p.H, p.K}, st, "grad_z");
-  const Tensor kv0 = optional_state(kv0_in, {N, p.H, p.K, p.V}, st, "kv0");
-  const Tensor z0 = optional_state(z0_in, {N, p.H, p.K}, st, "z0");
-  Tensor dq = empty_output(q), dk = empty_output(k), dv = empty_output(v);
-  Tensor dkv0 = at::empty({N, p.H, p.K, p.V}, q.options().dtype(st));
-  Tensor dz0 = at::empty({N, p.H, p.K}, q.options().dtype(st));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attention_bwd", [&] {
+  const BackwardInputs b = backward_inputs(go_in, gkv_in, gz_in, q_in, k_in, v_in, o_in, den_in, kv0_in, z0_in,
+                                           cu_seqlens, feature_map, normalize, eps, scale);
+  const Problem& p = b.p;
+  Tensor dq = empty_output(b.q), dk = empty_output(b.k), dv = empty_output(b.v);
+  Tensor dkv0 = at::empty({b.N, p.H, p.K, p.V}, b.q.options().dtype(b.st));
+  Tensor dz0 = at::empty({b.N, p.H, p.K}, b.q.options().dtype(b.st));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.q.scalar_type(), "linear_attention_bwd", [&] {
+    backward_kernel<scalar_t>(p, backward_args<scalar_t>(b, dq, dk, dv, dkv0, dz0));
+  });
+  return {dq, dk, dv, dkv0, dz0};
+}
+
+// One sweep of the backward: sweep 0 the forward one (dq; the other results are empty), sweep 1 the reverse one
+// (dk, dv, dkv0, dz0; dq is empty). For a caller that has work to overlap between them (the sequence-parallel op
+// runs dq while the final state's gradient is still on its way). Parallel over (sequence, head) units only.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_attention_bwd_sweep(
+    const Tensor& go_in, const std::optional<Tensor>& gkv_in, const std::optional<Tensor>& gz_in,
+    const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& o_in, const Tensor& den_in,
+    const std::optional<Tensor>& kv0_in, const std::optional<Tensor>& z0_in, int64_t feature_map, bool normalize,
+    double eps, double scale, int64_t sweep) {
+  TORCH_CHECK_VALUE(sweep == 0 || sweep == 1, "fastml::linear_attention_bwd_sweep: sweep must be 0 or 1, got ",
+                    sweep);
+  const BackwardInputs b = backward_inputs(go_in, gkv_in, gz_in, q_in, k_in, v_in, o_in, den_in, kv0_in, z0_in,
+                                           std::nullopt, feature_map, normalize, eps, scale);
+  const Problem& p = b.p;
+  const bool fwd = sweep == 0;
+  const at::TensorOptions so = b.q.options().dtype(b.st);
+  Tensor dq = fwd ? empty_output(b.q) : at::empty({0}, b.q.options());
+  Tensor dk = fwd ? at::empty({0}, b.q.options()) : empty_output(b.k);
+  Tensor dv = fwd ? at::empty({0}, b.q.options()) : empty_output(b.v);
+  Tensor dkv0 = fwd ? at::empty({0}, so) : at::empty({b.N, p.H, p.K, p.V}, so);
+  Tensor dz0 = fwd ? at::empty({0}, so) : at::empty({b.N, p.H, p.K}, so);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.q.scalar_type(), "linear_attention_bwd_sweep", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    BackwardArgs<scalar_t> a;
-    a.go = go.const_data_ptr<scalar_t>();
-    a.q = q.const_data_ptr<scalar_t>();
-    a.k = k.const_data_ptr<scalar_t>();
-    a.v = v.const_data_ptr<scalar_t>();
-    a.o = o.const_data_ptr<scalar_t>();
-    a.gkv = ptr_or_null<acc_t>(gkv);
-    a.gz = ptr_or_null<acc_t>(gz);
-    a.den = den.const_data_ptr<acc_t>();
-    a.kv0 = ptr_or_null<acc_t>(kv0);
-    a.z0 = ptr_or_null<acc_t>(z0);
-    a.dq = dq.data_ptr<scalar_t>();
-    a.dk = dk.data_ptr<scalar_t>();
-    a.dv = dv.data_ptr<scalar_t>();
-    a.dkv0 = dkv0.data_ptr<acc_t>();
-    a.dz0 = dz0.data_ptr<acc_t>();
-    backward_kernel<scalar_t>(p, a);
+    const BackwardArgs<scalar_t> a = backward_args<scalar_t>(b, dq, dk, dv, dkv0, dz0);
+    const int64_t scratch = backward_scratch_size<acc_t>(p);
+    at::parallel_for(0, p.units, 1, [&](int64_t begin, int64_t end) {
+      acc_t* buf = thread_scratch<acc_t>(scratch);
+      for (int64_t u = begin; u < end; ++u) {
+        int64_t row0, len;
+        p.span(u, &row0, &len);
+        Sweeps<acc_t> sw;
+        sw.forward = fwd;
+        sw.reverse = !fwd;
+        backward_segment<scalar_t>(p, Segment{u, 0, len, u, true, true}, a, a.kv0, a.z0, a.gkv, a.gz, buf, sw);
+      }
+    });
   });
   return {dq, dk, dv, dkv0, dz0};
 }
@@ -1307,4 +1377,5 @@ TORCH_LIBRARY_IMPL(fastml, CPU, m) {
   m.impl("linear_attention_step", &fastml::linear_attention_step);
   m.impl("linear_attention_kv_sum", &fastml::linear_attention_kv_sum);
   m.impl("linear_attention_start_grad", &fastml::linear_attention_start_grad);
+  m.impl("linear_attention_bwd_sweep", &fastml::linear_attention_bwd_sweep);
 }

@@ -262,8 +262,21 @@ class _SequenceParallel(torch.autograd.Function):
             parts.append(torch.cat([dtkv.reshape(-1), dtz.reshape(-1)]))
         flat = torch.cat(parts)
         gathered = flat.new_empty(ctx.world, flat.numel())
-        dist.all_gather_single(gathered.view(-1), flat, group=ctx.group)
+        work = dist.all_gather_single(gathered.view(-1), flat, group=ctx.group, async_op=True)
         _count(flat, ctx.world)
+        need = ctx.needs_input_grad
+        opts = ctx.opts
+        args = (ctx.code, opts["normalize"], opts["eps"], opts["scale"])
+        do = do.contiguous()
+        # On the CPU the slice's backward runs as its two sweeps: dq needs nothing from the other ranks, so it runs
+        # while their gradients travel (per (batch, head) unit: with fewer units than threads the one-call
+        # backward, which can also split over tokens, is faster).
+        sweeps = kernels is not None and _fused(q) and q.shape[0] * q.shape[1] >= torch.get_num_threads()
+        dq = None
+        if sweeps and need[0]:
+            dq = torch.ops.fastml.linear_attention_bwd_sweep(do, None, None, q, k, v, run.o, run.den, run.kv0,
+                                                             run.z0, *args, 0)[0]
+        work.wait()
         # c_r is in the prefix of every later rank, and in the final state returned on every rank: the sum is the
         # gradient of this slice's final state (its start plus c_r). The last rank's reaches nothing else.
         gkv = gz = None
@@ -272,11 +285,11 @@ class _SequenceParallel(torch.autograd.Function):
             if ctx.with_total:
                 d_c = d_c + gathered[:, n:].sum(0)
             gkv, gz = (t.contiguous() for t in _split(d_c, ctx.shapes))
-        need = ctx.needs_input_grad
-        if kernels is not None:
-            opts = ctx.opts
-            dq, dk, dv, dkv0, dz0 = kernels[1](do.contiguous(), gkv, gz, q, k, v, o, run.den, run.kv0, run.z0,
-                                               None, ctx.code, opts["normalize"], opts["eps"], opts["scale"])
+        if sweeps:
+            _, dk, dv, dkv0, dz0 = torch.ops.fastml.linear_attention_bwd_sweep(do, gkv, gz, q, k, v, run.o, run.den,
+                                                                               run.kv0, run.z0, *args, 1)
+        elif kernels is not None:
+            dq, dk, dv, dkv0, dz0 = kernels[1](do, gkv, gz, q, k, v, run.o, run.den, run.kv0, run.z0, None, *args)
         else:
             dq, dk, dv, dkv0, dz0 = _reference_backward(run, do, gkv, gz)
         # Rank 0's start is the user's initial state: its gradient is the slice's start gradient (which includes

@@ -19,6 +19,9 @@ in the accumulation dtype (float32, float64 for float64 inputs); cu_seqlens [N+1
   with dn = grad_o / den and dd = -(grad_o . o) / den (normalize; else dn = grad_o, dd = 0). These two serve the
   sequence-parallel op and have C++ kernels only (no Triton twin): elsewhere it uses their torch forms
   (fastml.distributed.sequence_parallel).
+- linear_attention_bwd_sweep: one of the backward's two sweeps, linear_attention_bwd's arguments without cu_seqlens
+  plus `sweep`: 0 -> (dq, and four empty tensors), 1 -> (empty, dk, dv, dkv0, dz0). C++ only, for the
+  sequence-parallel op, which runs dq while the later ranks' gradients travel.
 """
 import torch
 
@@ -164,6 +167,19 @@ def _start_grad(grad_o, q, o, den, feature_map, normalize, scale):
     return _kv_sum(q, grad_o, feature_map)
 
 
+def _check_bwd_sweep(grad_o, grad_kv, grad_z, q, k, v, o, den, kv0, z0, feature_map, normalize, eps, scale,
+                     sweep):
+    if sweep not in (0, 1):
+        _fail(ValueError, f"sweep must be 0 or 1, got {sweep}")
+    _check_bwd(grad_o, grad_kv, grad_z, q, k, v, o, den, kv0, z0, None, feature_map, normalize, eps, scale)
+
+
+def _bwd_sweep(grad_o, grad_kv, grad_z, q, k, v, o, den, kv0, z0, feature_map, normalize, eps, scale, sweep):
+    full = _bwd(grad_o, grad_kv, grad_z, q, k, v, o, den, kv0, z0, None, feature_map, normalize, eps, scale)
+    keep = (True, False, False, False, False) if sweep == 0 else (False, True, True, True, True)
+    return tuple(t if kept else t.new_empty(0) for t, kept in zip(full, keep))
+
+
 def _step(q, k, v, kv, z, feature_map, normalize, eps, scale):
     return v.new_empty(v.shape), kv.new_empty(kv.shape), z.new_empty(z.shape)
 
@@ -183,4 +199,9 @@ KV_SUM = OpSchema("linear_attention_kv_sum", "(Tensor k, Tensor v, int feature_m
 START_GRAD = OpSchema("linear_attention_start_grad",
                       "(Tensor grad_o, Tensor q, Tensor o, Tensor den, int feature_map, bool normalize, "
                       "float scale) -> (Tensor, Tensor)", _start_grad, twins=(), check=_check_start_grad)
-declare(FWD, BWD, STEP, KV_SUM, START_GRAD)
+BWD_SWEEP = OpSchema("linear_attention_bwd_sweep",
+                     "(Tensor grad_o, Tensor? grad_kv, Tensor? grad_z, Tensor q, Tensor k, Tensor v, Tensor o, "
+                     "Tensor den, Tensor? kv0, Tensor? z0, int feature_map, bool normalize, float eps, float scale, "
+                     "int sweep) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _bwd_sweep, twins=(),
+                     check=_check_bwd_sweep)
+declare(FWD, BWD, STEP, KV_SUM, START_GRAD, BWD_SWEEP)
