@@ -104,3 +104,33 @@ def test_bad_arguments_raise(call, match):
     o, _, _, den = OPS.linear_attention_fwd(q.abs(), k.abs(), v, None, None, None, 0, True, 1e-6, 1.0)
     with pytest.raises(RuntimeError, match=match):
         call(k, v, o, den)
+
+
+@pytest.mark.parametrize("dtype,fm,normalize,with_grads", [(F64, 1, True, True), (F32, 0, False, False),
+                                                           (BF16, 2, True, True)])
+def test_bwd_sweeps_equal_the_backward(threads, dtype, fm, normalize, with_grads):
+    """The backward's two sweeps run apart (fastml::linear_attention_bwd_sweep) give the one-call backward's results
+    bit for bit: the same scans, one (batch, head) unit at a time (one thread, so that the one-call backward does
+    not cut the units into segments)."""
+    threads(1)
+    q, k, v, do = _inputs(2, 3, 150, 24, 40, dtype, seed=5)
+    if fm == 0 and normalize:
+        q, k = q.abs(), k.abs()
+    sd = _sd(dtype)
+    g = torch.Generator().manual_seed(3)
+    kv0 = torch.randn(2, 3, 24, 40, generator=g).to(sd)
+    z0 = (torch.rand(2, 3, 24, generator=g) + 1).to(sd)
+    gkv, gz = (torch.randn(2, 3, 24, 40, generator=g).to(sd), torch.randn(2, 3, 24, generator=g).to(sd)) \
+        if with_grads else (None, None)
+    args = (fm, normalize, 1e-6, 0.5)
+    o, _, _, den = OPS.linear_attention_fwd(q, k, v, kv0, z0, None, *args)
+    full = OPS.linear_attention_bwd(do, gkv, gz, q, k, v, o, den, kv0, z0, None, *args)
+    first = OPS.linear_attention_bwd_sweep(do, None, None, q, k, v, o, den, kv0, z0, *args, 0)
+    second = OPS.linear_attention_bwd_sweep(do, gkv, gz, q, k, v, o, den, kv0, z0, *args, 1)
+    assert torch.equal(first[0], full[0]), "dq"
+    assert all(t.numel() == 0 for t in first[1:]) and second[0].numel() == 0
+    for name, a, b in zip(("dk", "dv", "dkv0", "dz0"), second[1:], full[1:]):
+        assert torch.equal(a, b), name
+    torch.library.opcheck(OPS.linear_attention_bwd_sweep.default, (do, gkv, gz, q, k, v, o, den, kv0, z0, *args, 1))
+    with pytest.raises(ValueError, match="sweep must be 0 or 1"):
+        OPS.linear_attention_bwd_sweep(do, gkv, gz, q, k, v, o, den, kv0, z0, *args, 2)
