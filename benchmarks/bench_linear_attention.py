@@ -139,7 +139,7 @@ def _time(benchmark, fn, device, T, backend=None):
 @pytest.mark.parametrize("kind", ["fwd", "fwd+bwd"])
 def test_linear_attention_threads(benchmark, kind, device, results):
     """B1 H1 T65536: one (sequence, head) unit, which only the split of a unit (columns, segments) spreads over
-    threads. The 1- and 2-thread calls alternate (15 of each after a warm-up of each), so that both see the same
+    threads. The 1- and 2-thread calls alternate (30 of each after a warm-up of each), so that both see the same
     conditions of a shared machine; medians."""
     if device != "cpu":
         pytest.skip("the thread scaling is a CPU measurement")
@@ -164,7 +164,7 @@ def test_linear_attention_threads(benchmark, kind, device, results):
     before = torch.get_num_threads()
     ms = {1: [], 2: []}
     try:
-        for i in range(16):
+        for i in range(31):
             for threads in (1, 2):
                 torch.set_num_threads(threads)
                 t0 = time.perf_counter()
