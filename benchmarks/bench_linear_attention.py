@@ -5,7 +5,8 @@ left out at T=32768: seconds per call); effective GFLOP/s count the recurrence's
 and three times that for forward+backward, as a fraction of the sgemm peak measured in this run; peak memory is
 what one call adds to a fresh process's VmHWM. One sequence and one head at T=65536 (B1 H1, K=V=64) runs on 1 and
 on 2 threads: the speed-up of the cpp kernels' split of one unit over threads (column groups in the forward,
-segments in the backward).
+segments in the backward). The length-scaling rows time the cpp kernels at T = 2048, 8192 and 32768 in turn, round
+by round, for their rates relative to T=2048's under the same conditions.
 CUDA (`make bench-gpu`): flash-linear-attention's published shapes in bfloat16; GB/s against the copy bandwidth
 measured in this run (bytes: q, k, v read and o written; the backward adds o, do read and dq, dk, dv written).
 """
@@ -134,6 +135,52 @@ def _time(benchmark, fn, device, T, backend=None):
     slow = T >= 8192 and backend == "reference" or T >= 32768
     return time_ms(benchmark, fn, device, rounds=3 if slow else 7)
 
+
+
+SCALING_T = (2048, 8192, 32768)
+
+
+@pytest.mark.parametrize("kind", ["fwd", "fwd+bwd"])
+def test_linear_attention_t_scaling(benchmark, kind, device, results):
+    """The cpp kernels' rate at B2 H8 K=V=64 for T = 2048, 8192 and 32768, the three lengths called in turn (10
+    rounds after a warm-up, medians), so that the ratio to T=2048's rate is taken under the same conditions of a
+    shared machine (the main table times one row after another, minutes apart)."""
+    if device != "cpu":
+        pytest.skip("the length scaling rows are a CPU measurement")
+    reason = _available("cpp", device, torch.float32, 64, 64)
+    if reason:
+        pytest.skip(reason)
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    fns = {}
+    for T in SCALING_T:
+        leaves = [(torch.randn(2, 8, T, 64, generator=g) * 0.3).requires_grad_(kind == "fwd+bwd") for _ in range(3)]
+        do = torch.randn(2, 8, T, 64, generator=g)
+
+        def fn(leaves=leaves, do=do):
+            with torch.set_grad_enabled(kind == "fwd+bwd"):
+                o = fastml.causal_linear_attention(*leaves, normalize=False, backend="cpp")
+            if kind == "fwd+bwd":
+                torch.autograd.backward(o, do)
+                for t in leaves:
+                    t.grad = None
+
+        fns[T] = fn
+    ms = {T: [] for T in SCALING_T}
+    for i in range(11):
+        for T in SCALING_T:
+            t0 = time.perf_counter()
+            fns[T]()
+            if i:
+                ms[T].append(1e3 * (time.perf_counter() - t0))
+    benchmark.pedantic(lambda: None, rounds=1)
+    rate = {T: 4 * T * 64 * 64 * 16 * (3 if kind == "fwd+bwd" else 1) / statistics.median(ms[T]) / 1e6
+            for T in SCALING_T}
+    for T in SCALING_T:
+        results.add("causal_linear_attention length scaling (cpu, cpp, interleaved)",
+                    {"shape": f"B2 H8 T{T} K64 V64", "pass": kind, "ms": statistics.median(ms[T]),
+                     "GFLOP/s": rate[T], "x T=2048 rate": rate[T] / rate[2048]})
 
 
 @pytest.mark.parametrize("kind", ["fwd", "fwd+bwd"])
