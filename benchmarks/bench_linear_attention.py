@@ -10,6 +10,7 @@ by round, for their rates relative to T=2048's under the same conditions.
 CUDA (`make bench-gpu`): flash-linear-attention's published shapes in bfloat16; GB/s against the copy bandwidth
 measured in this run (bytes: q, k, v read and o written; the backward adds o, do read and dq, dk, dv written).
 """
+import functools
 import importlib.util
 import statistics
 
@@ -140,6 +141,16 @@ def _time(benchmark, fn, device, T, backend=None):
 SCALING_T = (2048, 8192, 32768)
 
 
+def _cpp_call(leaves, do, kind):
+    """One cpp call of the interleaved rows: the forward, or forward and backward (gradients then dropped)."""
+    with torch.set_grad_enabled(kind == "fwd+bwd"):
+        o = fastml.causal_linear_attention(*leaves, normalize=False, backend="cpp")
+    if kind == "fwd+bwd":
+        torch.autograd.backward(o, do)
+        for t in leaves:
+            t.grad = None
+
+
 @pytest.mark.parametrize("kind", ["fwd", "fwd+bwd"])
 def test_linear_attention_t_scaling(benchmark, kind, device, results):
     """The cpp kernels' rate at B2 H8 K=V=64 for T = 2048, 8192 and 32768, the three lengths called in turn (10
@@ -157,16 +168,7 @@ def test_linear_attention_t_scaling(benchmark, kind, device, results):
     for T in SCALING_T:
         leaves = [(torch.randn(2, 8, T, 64, generator=g) * 0.3).requires_grad_(kind == "fwd+bwd") for _ in range(3)]
         do = torch.randn(2, 8, T, 64, generator=g)
-
-        def fn(leaves=leaves, do=do):
-            with torch.set_grad_enabled(kind == "fwd+bwd"):
-                o = fastml.causal_linear_attention(*leaves, normalize=False, backend="cpp")
-            if kind == "fwd+bwd":
-                torch.autograd.backward(o, do)
-                for t in leaves:
-                    t.grad = None
-
-        fns[T] = fn
+        fns[T] = functools.partial(_cpp_call, leaves, do, kind)
     ms = {T: [] for T in SCALING_T}
     for i in range(11):
         for T in SCALING_T:
@@ -199,15 +201,7 @@ def test_linear_attention_threads(benchmark, kind, device, results):
     g = torch.Generator().manual_seed(0)
     leaves = [(torch.randn(B, H, T, d, generator=g) * 0.3).requires_grad_(kind == "fwd+bwd") for d in (K, K, V)]
     do = torch.randn(B, H, T, V, generator=g)
-
-    def fn():
-        with torch.set_grad_enabled(kind == "fwd+bwd"):
-            o = fastml.causal_linear_attention(*leaves, normalize=False, backend="cpp")
-        if kind == "fwd+bwd":
-            torch.autograd.backward(o, do)
-            for t in leaves:
-                t.grad = None
-
+    fn = functools.partial(_cpp_call, leaves, do, kind)
     before = torch.get_num_threads()
     ms = {1: [], 2: []}
     try:
