@@ -473,22 +473,23 @@ void lockstep_regions(const Problem& p, const Lockstep& ls, int64_t G, acc_t* ch
 }
 
 // Shared memory of one lockstep call, the calling thread's slot-1 scratch: two chunk buffers per unit, then the
-// states every task of a unit updates in place (each its own columns): n_states [Kp x Vp] matrices and n_vectors
-// [Kp] vectors per unit.
+// state every task of a unit updates in place (each its own columns), S [Kp x Vp] per unit, and one z [Kp] per
+// (unit, column group).
 template <typename acc_t>
-acc_t* lockstep_buffers(const Problem& p, const Lockstep& ls, int64_t n_states, int64_t n_vectors, acc_t** states) {
+acc_t* lockstep_buffers(const Problem& p, const Lockstep& ls, int64_t groups, acc_t** S) {
   const int64_t U = p.units, chunk = 2 * U * rows_scratch_size<acc_t>(p, ls.C);
-  acc_t* base = thread_scratch<acc_t, 1>(chunk + U * (n_states * p.Kp * p.Vp + n_vectors * p.Kp));
-  *states = base + chunk;
+  acc_t* base = thread_scratch<acc_t, 1>(chunk + U * (p.Kp * p.Vp + groups * p.Kp));
+  *S = base + chunk;
   return base;
 }
 
-// Whether the forward converts the rows of q, k or v before scanning them (dtype, feature map, scale, padding of
-// the head dims), as rows_view decides.
+// Whether the forward converts the rows of q, k or v before scanning them (load_forward_block's rows_view calls).
 template <typename scalar_t>
 bool converts_rows(const Problem& p) {
-  return !std::is_same_v<scalar_t, at::opmath_type<scalar_t>> || p.fm != kIdentity || p.scale != 1.0 ||
-         p.K != p.Kp || p.V != p.Vp;
+  using acc_t = at::opmath_type<scalar_t>;
+  return !(reads_in_place<acc_t, scalar_t>(p.K, p.Kp, p.fm, static_cast<acc_t>(p.scale)) &&
+           reads_in_place<acc_t, scalar_t>(p.K, p.Kp, p.fm, acc_t(1)) &&
+           reads_in_place<acc_t, scalar_t>(p.V, p.Vp, kIdentity, acc_t(1)));
 }
 
 template <typename scalar_t>
@@ -500,7 +501,7 @@ void forward_lockstep(const Problem& p, const Split& s, const scalar_t* q, const
   const int64_t U = p.units, G = s.cols, K = p.K, V = p.V, Kp = p.Kp, Vp = p.Vp;
   // S [U][Kp x Vp], shared by the unit's groups; z [U][G][Kp], one per group (each runs the normalizer's sum).
   acc_t* S;
-  acc_t* chunks = lockstep_buffers(p, ls, 1, G, &S);
+  acc_t* chunks = lockstep_buffers(p, ls, G, &S);
   acc_t* zs = S + U * Kp * Vp;
   for (int64_t u = 0; u < U; ++u) {
     load_state(kv0, u, K, V, S + u * Kp * Vp, Vp, Kp * Vp, false);

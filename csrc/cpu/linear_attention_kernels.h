@@ -239,9 +239,14 @@ void store_input_grad(const acc_t* g, const scalar_t* x, scalar_t* out, int64_t 
 // Rows [n, d] of src as the kernels read them (mul * phi(x), row stride ld): src itself when that is already
 // so (float32/float64, identity map, no scaling, no padding), else converted into scratch.
 template <typename acc_t, typename scalar_t>
+bool reads_in_place(int64_t d, int64_t ld, int64_t fm, acc_t mul) {
+  return std::is_same_v<acc_t, scalar_t> && d == ld && fm == kIdentity && mul == acc_t(1);
+}
+
+template <typename acc_t, typename scalar_t>
 const acc_t* rows_view(const scalar_t* src, int64_t n, int64_t d, acc_t* scratch, int64_t ld, int64_t fm, acc_t mul) {
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    if (d == ld && fm == kIdentity && mul == acc_t(1)) return src;
+    if (reads_in_place<acc_t, scalar_t>(d, ld, fm, mul)) return src;
   }
   load_rows(src, n, d, scratch, ld, fm, mul);
   return scratch;

@@ -195,10 +195,8 @@ def _start_grad(do, q, run, code, opts, fused):
     normalize, scale = opts["normalize"], opts["scale"]
     sd = acc_dtype(q.dtype)
     den = run.den
-    if fused:
-        if den is None:  # not normalized: den is not read
-            den = q.new_zeros(q.shape[:3], dtype=sd)
-        return torch.ops.fastml.linear_attention_start_grad(do.contiguous(), q, run.o, den, code, normalize, scale)
+    if fused:  # a kernel backend: its forward returned den
+        return torch.ops.fastml.linear_attention_start_grad(do, q, run.o, den, code, normalize, scale)
     qf = _phi(q, code, sd) * scale
     g = do.to(sd)
     if normalize:
@@ -250,6 +248,7 @@ class _SequenceParallel(torch.autograd.Function):
             raise RuntimeError("the sequence-parallel op ran without gradients (no rank's inputs required grad)")
         q, k, v, o, den, kv0, z0 = ctx.saved_tensors
         run = _Slice(o, den, kv0, z0, ctx.graph)
+        do = do.contiguous()
         n = ctx.shapes[0].numel() + ctx.shapes[1].numel()
         kernels = ctx.impl.kernels
         # Rank 0's start is the initial state, not a prefix of other ranks' contributions: it sends zeros.
@@ -267,7 +266,6 @@ class _SequenceParallel(torch.autograd.Function):
         need = ctx.needs_input_grad
         opts = ctx.opts
         args = (ctx.code, opts["normalize"], opts["eps"], opts["scale"])
-        do = do.contiguous()
         # On the CPU the slice's backward runs as its two sweeps: dq needs nothing from the other ranks, so it runs
         # while their gradients travel (per (batch, head) unit: with fewer units than threads the one-call
         # backward, which can also split over tokens, is faster).
