@@ -5,8 +5,9 @@ left out at T=32768: seconds per call); effective GFLOP/s count the recurrence's
 and three times that for forward+backward, as a fraction of the sgemm peak measured in this run; peak memory is
 what one call adds to a fresh process's VmHWM. One sequence and one head at T=65536 (B1 H1, K=V=64) runs on 1 and
 on 2 threads: the speed-up of the cpp kernels' split of one unit over threads (column groups in the forward,
-segments in the backward). The length-scaling rows time the cpp kernels at T = 2048, 8192 and 32768 in turn, round
-by round, for their rates relative to T=2048's under the same conditions.
+segments in the backward), next to the machine's ceiling for the same work in the same rounds: B1 H2, two units
+that need no split, on 1 and 2 threads. The length-scaling rows time the cpp kernels at T = 2048, 8192 and 32768
+in turn, round by round, for their rates relative to T=2048's under the same conditions.
 CUDA (`make bench-gpu`): flash-linear-attention's published shapes in bfloat16; GB/s against the copy bandwidth
 measured in this run (bytes: q, k, v read and o written; the backward adds o, do read and dq, dk, dv written).
 """
@@ -22,6 +23,7 @@ import fastml
 CPU_SHAPES = [(2, 8, 512, 64, 64), (2, 8, 2048, 64, 64), (2, 8, 8192, 64, 64), (2, 8, 32768, 64, 64)]
 CPU_REFERENCE_MAX_T = 8192
 THREADS_SHAPE = (1, 1, 65536, 64, 64)
+THREADS_SECONDS = 12.0  # per pass: long enough to span several of the machine's slow and fast spells
 GPU_SHAPES = [(4, 64, 4096, 128, 128), (8, 32, 2048, 256, 256), (2, 16, 16384, 128, 128)]
 MEMORY_SHAPE = (1, 8, 32768, 64, 64)
 _REFERENCE_MS = {}
@@ -188,8 +190,10 @@ def test_linear_attention_t_scaling(benchmark, kind, device, results):
 @pytest.mark.parametrize("kind", ["fwd", "fwd+bwd"])
 def test_linear_attention_threads(benchmark, kind, device, results):
     """B1 H1 T65536: one (sequence, head) unit, which only the split of a unit (columns, segments) spreads over
-    threads. The 1- and 2-thread calls alternate (30 of each after a warm-up of each), so that both see the same
-    conditions of a shared machine; medians."""
+    threads. The machine's own ceiling for the same work: B1 H2 (two units, one per thread, no split) on 1 and 2
+    threads. Each round calls the split on 1 then 2 threads, then the ceiling on 1 then 2 threads, so that all four
+    see the same conditions of a shared machine, whose speed changes from second to second (neighbours on the
+    host); rounds after a warm-up until THREADS_SECONDS have passed (at least 30), medians."""
     if device != "cpu":
         pytest.skip("the thread scaling is a CPU measurement")
     reason = _available("cpp", device, torch.float32, THREADS_SHAPE[3], THREADS_SHAPE[4])
@@ -199,28 +203,37 @@ def test_linear_attention_threads(benchmark, kind, device, results):
 
     B, H, T, K, V = THREADS_SHAPE
     g = torch.Generator().manual_seed(0)
-    leaves = [(torch.randn(B, H, T, d, generator=g) * 0.3).requires_grad_(kind == "fwd+bwd") for d in (K, K, V)]
-    do = torch.randn(B, H, T, V, generator=g)
-    fn = functools.partial(_cpp_call, leaves, do, kind)
+    fns = {}
+    for heads in (H, 2 * H):
+        leaves = [(torch.randn(B, heads, T, d, generator=g) * 0.3).requires_grad_(kind == "fwd+bwd")
+                  for d in (K, K, V)]
+        fns[heads] = functools.partial(_cpp_call, leaves, torch.randn(B, heads, T, V, generator=g), kind)
     before = torch.get_num_threads()
-    ms = {1: [], 2: []}
+    ms = {(heads, threads): [] for heads in fns for threads in (1, 2)}
     try:
-        for i in range(31):
-            for threads in (1, 2):
-                torch.set_num_threads(threads)
-                t0 = time.perf_counter()
-                fn()
-                if i:
-                    ms[threads].append(1e3 * (time.perf_counter() - t0))
+        i, start = 0, time.perf_counter()
+        while i <= 30 or time.perf_counter() - start < THREADS_SECONDS:
+            for heads, fn in fns.items():
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    t0 = time.perf_counter()
+                    fn()
+                    if i:
+                        ms[heads, threads].append(1e3 * (time.perf_counter() - t0))
+            i += 1
     finally:
         torch.set_num_threads(before)
     benchmark.pedantic(lambda: None, rounds=1)
-    med = {n: statistics.median(v) for n, v in ms.items()}
+    med = {key: statistics.median(v) for key, v in ms.items()}
+    ceiling = med[2 * H, 1] / med[2 * H, 2]
     for threads in (1, 2):
-        gflops = 4 * T * K * V * B * H * (3 if kind == "fwd+bwd" else 1) / med[threads] / 1e6
+        gflops = 4 * T * K * V * B * H * (3 if kind == "fwd+bwd" else 1) / med[H, threads] / 1e6
+        speedup = med[H, 1] / med[H, threads]
         results.add("causal_linear_attention threads (cpu)",
                     {"shape": f"B{B} H{H} T{T} K{K} V{V}", "pass": kind, "backend": "cpp", "threads": threads,
-                     "ms": med[threads], "GFLOP/s": gflops, "x 1 thread": med[1] / med[threads]})
+                     "ms": med[H, threads], "GFLOP/s": gflops, "x 1 thread": speedup,
+                     "ceiling (H2) x 1 thread": ceiling if threads == 2 else "",
+                     "% of ceiling": 100 * speedup / ceiling if threads == 2 else ""})
 
 
 def _peak_mb(B, H, T, K, V, backend, kind):
