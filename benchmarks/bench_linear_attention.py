@@ -14,7 +14,6 @@ measured in this run (bytes: q, k, v read and o written; the backward adds o, do
 """
 import functools
 import importlib.util
-import statistics
 
 import pytest
 import torch
@@ -115,7 +114,7 @@ def test_linear_attention(benchmark, case, device, results):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     ms = _time(benchmark, fn, device, T, backend)
-    flops = 4 * T * K * V * B * H * (3 if kind == "fwd+bwd" else 1)
+    flops = _flops(B, H, T, K, V, kind)
     key = ((B, H, T, K, V), kind, normalize)
     if backend == "reference":
         _REFERENCE_MS[key] = ms
@@ -137,20 +136,15 @@ def _time(benchmark, fn, device, T, backend=None):
     from runner import time_ms
 
     if device == "cpu" and backend != "reference":
-        # A kernel call takes milliseconds and this machine's speed changes from second to second: 7 rounds of a
-        # 5 ms call would all fall in one fast or slow spell. Enough rounds for CPU_KERNEL_SECONDS (7 to 500).
-        import math
-        import time
-
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        once = time.perf_counter() - t0
-        return time_ms(benchmark, fn, device, rounds=min(500, max(7, math.ceil(CPU_KERNEL_SECONDS / once))))
+        return time_ms(benchmark, fn, device, rounds=7, seconds=CPU_KERNEL_SECONDS)
     # The reference takes seconds per call at long T.
     slow = T >= 8192 and backend == "reference" or T >= 32768
     return time_ms(benchmark, fn, device, rounds=3 if slow else 7)
 
+
+def _flops(B, H, T, K, V, kind):
+    """The recurrence's effective flops: 4*T*K*V per head for the forward, three times that for fwd+bwd."""
+    return 4 * T * K * V * B * H * (3 if kind == "fwd+bwd" else 1)
 
 
 SCALING_T = (2048, 8192, 32768)
@@ -176,7 +170,7 @@ def test_linear_attention_t_scaling(benchmark, kind, device, results):
     reason = _available("cpp", device, torch.float32, 64, 64)
     if reason:
         pytest.skip(reason)
-    import time
+    from runner import interleaved_ms
 
     g = torch.Generator().manual_seed(0)
     fns = {}
@@ -184,19 +178,12 @@ def test_linear_attention_t_scaling(benchmark, kind, device, results):
         leaves = [(torch.randn(2, 8, T, 64, generator=g) * 0.3).requires_grad_(kind == "fwd+bwd") for _ in range(3)]
         do = torch.randn(2, 8, T, 64, generator=g)
         fns[T] = functools.partial(_cpp_call, leaves, do, kind)
-    ms = {T: [] for T in SCALING_T}
-    for i in range(11):
-        for T in SCALING_T:
-            t0 = time.perf_counter()
-            fns[T]()
-            if i:
-                ms[T].append(1e3 * (time.perf_counter() - t0))
+    med = interleaved_ms(fns, rounds=10)
     benchmark.pedantic(lambda: None, rounds=1)
-    rate = {T: 4 * T * 64 * 64 * 16 * (3 if kind == "fwd+bwd" else 1) / statistics.median(ms[T]) / 1e6
-            for T in SCALING_T}
+    rate = {T: _flops(2, 8, T, 64, 64, kind) / med[T] / 1e6 for T in SCALING_T}
     for T in SCALING_T:
         results.add("causal_linear_attention length scaling (cpu, cpp, interleaved)",
-                    {"shape": f"B2 H8 T{T} K64 V64", "pass": kind, "ms": statistics.median(ms[T]),
+                    {"shape": f"B2 H8 T{T} K64 V64", "pass": kind, "ms": med[T],
                      "GFLOP/s": rate[T], "x T=2048 rate": rate[T] / rate[2048]})
 
 
@@ -212,7 +199,7 @@ def test_linear_attention_threads(benchmark, kind, device, results):
     reason = _available("cpp", device, torch.float32, THREADS_SHAPE[3], THREADS_SHAPE[4])
     if reason:
         pytest.skip(reason)
-    import time
+    from runner import interleaved_ms
 
     B, H, T, K, V = THREADS_SHAPE
     g = torch.Generator().manual_seed(0)
@@ -221,26 +208,17 @@ def test_linear_attention_threads(benchmark, kind, device, results):
         leaves = [(torch.randn(B, heads, T, d, generator=g) * 0.3).requires_grad_(kind == "fwd+bwd")
                   for d in (K, K, V)]
         fns[heads] = functools.partial(_cpp_call, leaves, torch.randn(B, heads, T, V, generator=g), kind)
+    calls = {(heads, threads): fn for heads, fn in fns.items() for threads in (1, 2)}
     before = torch.get_num_threads()
-    ms = {(heads, threads): [] for heads in fns for threads in (1, 2)}
     try:
-        i, start = 0, time.perf_counter()
-        while i <= 30 or time.perf_counter() - start < THREADS_SECONDS:
-            for heads, fn in fns.items():
-                for threads in (1, 2):
-                    torch.set_num_threads(threads)
-                    t0 = time.perf_counter()
-                    fn()
-                    if i:
-                        ms[heads, threads].append(1e3 * (time.perf_counter() - t0))
-            i += 1
+        med = interleaved_ms(calls, rounds=30, seconds=THREADS_SECONDS,
+                             prepare=lambda key: torch.set_num_threads(key[1]))
     finally:
         torch.set_num_threads(before)
     benchmark.pedantic(lambda: None, rounds=1)
-    med = {key: statistics.median(v) for key, v in ms.items()}
     ceiling = med[2 * H, 1] / med[2 * H, 2]
     for threads in (1, 2):
-        gflops = 4 * T * K * V * B * H * (3 if kind == "fwd+bwd" else 1) / med[H, threads] / 1e6
+        gflops = _flops(B, H, T, K, V, kind) / med[H, threads] / 1e6
         speedup = med[H, 1] / med[H, threads]
         results.add("causal_linear_attention threads (cpu)",
                     {"shape": f"B{B} H{H} T{T} K{K} V{V}", "pass": kind, "backend": "cpp", "threads": threads,

@@ -20,17 +20,48 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_ms(benchmark, fn, device, *, rounds=5):
-    """Median milliseconds of fn(). CPU: pytest-benchmark rounds; CUDA: triton.testing.do_bench (the benchmark
-    fixture still runs fn once so pytest-benchmark records the test)."""
+def time_ms(benchmark, fn, device, *, rounds=5, seconds=None):
+    """Median milliseconds of fn(). CPU: pytest-benchmark rounds, or with seconds as many rounds as fill that long
+    (at least `rounds`, at most 500: a shared machine's speed changes from second to second, and a few rounds of a
+    short call would all fall in one fast or slow spell); CUDA: triton.testing.do_bench (the benchmark fixture
+    still runs fn once so pytest-benchmark records the test)."""
     if device == "cuda":
         import triton.testing
 
         ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
         benchmark.pedantic(fn, rounds=1, iterations=1)
         return ms
+    if seconds is not None:
+        import math
+        import time
+
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        rounds = min(500, max(rounds, math.ceil(seconds / (time.perf_counter() - t0))))
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
     return benchmark.stats.stats.median * 1e3
+
+
+def interleaved_ms(calls, *, rounds, seconds=0.0, prepare=None):
+    """Median milliseconds of each call in calls (a dict of functions), called in turn round by round so that all
+    see the same conditions of a shared machine: a warm-up round, then `rounds` rounds, more until `seconds` have
+    passed. prepare(key), if given, runs before each call, untimed."""
+    import statistics
+    import time
+
+    ms = {key: [] for key in calls}
+    i, start = 0, time.perf_counter()
+    while i <= rounds or time.perf_counter() - start < seconds:
+        for key, fn in calls.items():
+            if prepare is not None:
+                prepare(key)
+            t0 = time.perf_counter()
+            fn()
+            if i:
+                ms[key].append(1e3 * (time.perf_counter() - t0))
+        i += 1
+    return {key: statistics.median(v) for key, v in ms.items()}
 
 
 def cpu_sgemm_peak_gflops():
